@@ -1,0 +1,43 @@
+# Every external dependency is found here, once. All come from Debian 12 packages
+# (scripts/install-deps.sh) except CUDA/NCCL, which come from /usr/local/cuda when present.
+find_package(Threads REQUIRED)
+find_package(Torch REQUIRED)
+find_package(absl REQUIRED)
+find_package(Protobuf REQUIRED)
+find_package(gRPC CONFIG REQUIRED)
+find_package(nlohmann_json REQUIRED)
+find_package(yaml-cpp REQUIRED)
+find_package(SQLite3 REQUIRED)
+find_package(PkgConfig REQUIRED)
+pkg_check_modules(SENTENCEPIECE REQUIRED IMPORTED_TARGET sentencepiece)
+
+# LibTorch's exported flags (-D_GLIBCXX_USE_CXX11_ABI, include dirs) as one interface target.
+add_library(crossdiff_torch INTERFACE)
+target_link_libraries(crossdiff_torch INTERFACE ${TORCH_LIBRARIES})
+target_include_directories(crossdiff_torch SYSTEM INTERFACE ${TORCH_INCLUDE_DIRS})
+
+# CUDA + NCCL: the NCCL communicator is compiled and linked whenever both are present.
+set(CROSSDIFF_HAVE_CUDA OFF)
+if(NOT CROSSDIFF_WITH_CUDA STREQUAL "OFF")
+  find_package(CUDAToolkit QUIET)
+  find_path(NCCL_INCLUDE_DIR nccl.h HINTS /usr/local/cuda/include ${CUDAToolkit_INCLUDE_DIRS})
+  find_library(NCCL_LIBRARY nccl HINTS /usr/local/cuda/lib64 ${CUDAToolkit_LIBRARY_DIR})
+  if(CUDAToolkit_FOUND AND NCCL_INCLUDE_DIR AND NCCL_LIBRARY)
+    set(CROSSDIFF_HAVE_CUDA ON)
+    add_library(crossdiff_nccl INTERFACE)
+    target_include_directories(crossdiff_nccl SYSTEM INTERFACE ${NCCL_INCLUDE_DIR} ${CUDAToolkit_INCLUDE_DIRS})
+    target_link_libraries(crossdiff_nccl INTERFACE ${NCCL_LIBRARY} CUDA::cudart)
+    message(STATUS "crossdiff: CUDA ${CUDAToolkit_VERSION} and NCCL found: building the NCCL backend")
+  elseif(CROSSDIFF_WITH_CUDA STREQUAL "ON")
+    message(FATAL_ERROR "CROSSDIFF_WITH_CUDA=ON but CUDA or NCCL was not found")
+  else()
+    message(STATUS "crossdiff: CUDA/NCCL not found: NCCL backend disabled")
+  endif()
+endif()
+
+if(CROSSDIFF_BUILD_TESTS)
+  find_package(GTest REQUIRED)
+endif()
+if(CROSSDIFF_BUILD_BENCHMARKS)
+  find_package(benchmark REQUIRED)
+endif()

@@ -1,0 +1,117 @@
+// Safetensors files: a validated, memory-mapped reader and an atomic writer. No LibTorch here (the
+// coordinator links this); `core/tensor_io/torch_tensors.h` converts to and from at::Tensor.
+//
+// Format (https://huggingface.co/docs/safetensors): u64 little-endian header length N, N bytes of
+// JSON {"name": {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}},
+// then the data section. Offsets are relative to the data section.
+//
+// Open() validates everything before any byte is used: the header length lies within the file, the
+// JSON is well formed, every dtype is known, shape x dtype size == end - begin, every range lies
+// inside the data section, and ranges are sorted by offset without overlapping. Errors are
+// INVALID_ARGUMENT (malformed file) or NOT_FOUND / PERMISSION_DENIED (I/O) and name the file.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace crossdiff::tensor_io {
+
+enum class DType { kF32, kF16, kBF16, kF64, kI64, kI32, kI16, kI8, kU8, kBool };
+
+// "F32", "BF16", ... as written in safetensors headers.
+std::string_view DTypeName(DType dtype);
+absl::StatusOr<DType> ParseDType(std::string_view name);
+size_t DTypeSize(DType dtype);
+
+struct TensorInfo {
+  std::string name;
+  DType dtype = DType::kF32;
+  std::vector<int64_t> shape;
+  uint64_t begin = 0;  // byte offsets relative to the data section
+  uint64_t end = 0;
+  int64_t numel() const;
+  uint64_t nbytes() const { return end - begin; }
+};
+
+// One memory-mapped safetensors file. Immutable after Open(); safe to share across threads.
+class SafetensorsFile {
+ public:
+  static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::string& path);
+  ~SafetensorsFile();
+  SafetensorsFile(const SafetensorsFile&) = delete;
+  SafetensorsFile& operator=(const SafetensorsFile&) = delete;
+
+  const std::string& path() const { return path_; }
+  // Tensors in file order (sorted by offset).
+  const std::vector<TensorInfo>& tensors() const { return tensors_; }
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  // nullptr when absent.
+  const TensorInfo* Find(std::string_view name) const;
+  // NOT_FOUND naming the file and tensor when absent.
+  absl::StatusOr<const TensorInfo*> Get(std::string_view name) const;
+  // Pointer into the mapping; valid as long as this object lives. Not necessarily aligned.
+  const uint8_t* data(const TensorInfo& info) const { return data_ + info.begin; }
+
+ private:
+  SafetensorsFile() = default;
+  std::string path_;
+  void* mapping_ = nullptr;
+  size_t mapping_size_ = 0;
+  const uint8_t* data_ = nullptr;
+  std::vector<TensorInfo> tensors_;
+  std::map<std::string, size_t> index_;
+  std::map<std::string, std::string> metadata_;
+};
+
+// A checkpoint: one safetensors file, or a sharded one through `*.safetensors.index.json`
+// ({"weight_map": {tensor: file}}), read transparently. `path` may be a file, an index file, or a
+// directory holding `model.safetensors` or `model.safetensors.index.json`.
+class Checkpoint {
+ public:
+  static absl::StatusOr<std::unique_ptr<Checkpoint>> Open(const std::string& path);
+
+  const std::string& path() const { return path_; }
+  std::vector<std::string> names() const;
+  bool Contains(std::string_view name) const;
+  // NOT_FOUND naming the checkpoint and tensor when absent. The pointer lives as long as this.
+  absl::StatusOr<const TensorInfo*> Get(std::string_view name) const;
+  // The file that holds `name` (for its data pointer).
+  absl::StatusOr<const SafetensorsFile*> FileOf(std::string_view name) const;
+
+ private:
+  std::string path_;
+  std::vector<std::unique_ptr<SafetensorsFile>> files_;
+  std::map<std::string, size_t, std::less<>> where_;  // tensor -> index into files_
+};
+
+// Collects tensors and writes one safetensors file atomically (to `path.tmp-<pid>`, fsync, rename),
+// so a reader never sees a half-written file. Tensors are laid out sorted by name, 8-byte aligned
+// header, as the reference implementation does.
+class SafetensorsWriter {
+ public:
+  // Copies `nbytes` bytes; validates shape x dtype size == nbytes (INVALID_ARGUMENT otherwise) and
+  // rejects duplicate names.
+  absl::Status Add(const std::string& name, DType dtype, std::vector<int64_t> shape,
+                   const void* bytes, size_t nbytes);
+  void SetMetadata(const std::string& key, const std::string& value) { metadata_[key] = value; }
+  absl::Status Write(const std::string& path) const;
+
+ private:
+  struct Entry {
+    DType dtype;
+    std::vector<int64_t> shape;
+    std::vector<uint8_t> bytes;
+  };
+  std::map<std::string, Entry> entries_;
+  std::map<std::string, std::string> metadata_;
+};
+
+}  // namespace crossdiff::tensor_io
