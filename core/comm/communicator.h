@@ -1,0 +1,50 @@
+// Collectives behind one interface (DESIGN.md section 5): Gloo through c10d on CPU tensors, NCCL on
+// CUDA tensors. Every collective is blocking for the caller and bounded by the communicator's
+// timeout: a peer that died or hangs turns into DEADLINE_EXCEEDED / UNAVAILABLE naming the rank,
+// never a silent hang. Tensors must be contiguous and on the backend's device.
+//
+// Not thread-safe: one thread issues collectives, in the same order on every rank.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace crossdiff::comm {
+
+enum class ReduceOp { kSum, kMax, kMin };
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+
+  virtual int rank() const = 0;
+  virtual int world_size() const = 0;
+  virtual std::string backend() const = 0;  // "gloo", "nccl", "local"
+
+  // In place: every rank ends with the reduction of all ranks' `t`.
+  virtual absl::Status AllReduce(at::Tensor& t, ReduceOp op = ReduceOp::kSum) = 0;
+  // `out` is [world_size * in.numel()] laid out rank by rank (contiguous, same dtype).
+  virtual absl::Status AllGather(const at::Tensor& in, at::Tensor& out) = 0;
+  // `in` is [world_size * out.numel()]; rank r receives the reduction of block r.
+  virtual absl::Status ReduceScatter(const at::Tensor& in, at::Tensor& out,
+                                     ReduceOp op = ReduceOp::kSum) = 0;
+  // In place: every rank ends with `root`'s `t`.
+  virtual absl::Status Broadcast(at::Tensor& t, int root) = 0;
+  virtual absl::Status Barrier() = 0;
+
+  // Bytes this rank has sent into collectives so far (for the benchmarks' per-step figures).
+  virtual int64_t bytes_communicated() const = 0;
+};
+
+// The trivial single-process communicator (world size 1): every collective is the identity.
+std::unique_ptr<Communicator> MakeLocalCommunicator();
+
+}  // namespace crossdiff::comm
