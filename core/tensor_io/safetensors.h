@@ -59,6 +59,13 @@ class SafetensorsFile {
   absl::StatusOr<const TensorInfo*> Get(std::string_view name) const;
   // Pointer into the mapping; valid as long as this object lives. Not necessarily aligned.
   const uint8_t* data(const TensorInfo& info) const { return data_ + info.begin; }
+  // Size of the data section in bytes (everything after the header).
+  uint64_t data_size() const { return data_size_; }
+  // Hint: drops this process's mapped pages of data-section bytes [begin, end) (whole pages inside
+  // the range only). The file stays in the page cache and the bytes stay readable (they fault back
+  // in); streaming readers call this after copying a range so resident memory does not grow with
+  // the file. Never fails; safe to call concurrently with reads.
+  void ReleasePages(uint64_t begin, uint64_t end) const;
 
  private:
   SafetensorsFile() = default;
@@ -66,6 +73,7 @@ class SafetensorsFile {
   void* mapping_ = nullptr;
   size_t mapping_size_ = 0;
   const uint8_t* data_ = nullptr;
+  uint64_t data_size_ = 0;
   std::vector<TensorInfo> tensors_;
   std::map<std::string, size_t> index_;
   std::map<std::string, std::string> metadata_;
@@ -94,22 +102,32 @@ class Checkpoint {
 
 // Collects tensors and writes one safetensors file atomically (to `path.tmp-<pid>`, fsync, rename),
 // so a reader never sees a half-written file. Tensors are laid out sorted by name, 8-byte aligned
-// header, as the reference implementation does.
+// header, as the reference implementation does. Not thread-safe.
 class SafetensorsWriter {
  public:
   // Copies `nbytes` bytes; validates shape x dtype size == nbytes (INVALID_ARGUMENT otherwise) and
-  // rejects duplicate names.
+  // rejects duplicate names (ALREADY_EXISTS) and empty names (INVALID_ARGUMENT).
   absl::Status Add(const std::string& name, DType dtype, std::vector<int64_t> shape,
                    const void* bytes, size_t nbytes);
+  // As Add() but without copying: `bytes` must stay valid and unchanged until Write() returns.
+  // Used for large tensors (activation shards) to avoid holding two copies in memory.
+  absl::Status AddBorrowed(const std::string& name, DType dtype, std::vector<int64_t> shape,
+                           const void* bytes, size_t nbytes);
   void SetMetadata(const std::string& key, const std::string& value) { metadata_[key] = value; }
+  // Writes the file; on any error (I/O, disk full, rename) removes the temporary file, leaves any
+  // previous file at `path` untouched and returns the error naming `path`. May be called again.
   absl::Status Write(const std::string& path) const;
 
  private:
   struct Entry {
     DType dtype;
     std::vector<int64_t> shape;
-    std::vector<uint8_t> bytes;
+    std::vector<uint8_t> owned;       // the bytes when copied
+    const uint8_t* bytes = nullptr;   // points into `owned` or at the caller's buffer
+    size_t nbytes = 0;
   };
+  absl::Status AddEntry(const std::string& name, DType dtype, std::vector<int64_t> shape,
+                        const void* bytes, size_t nbytes, bool copy);
   std::map<std::string, Entry> entries_;
   std::map<std::string, std::string> metadata_;
 };
