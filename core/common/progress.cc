@@ -3,6 +3,9 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstdlib>
+
+#include "absl/strings/numbers.h"
 
 #include "absl/strings/str_format.h"
 
@@ -17,7 +20,40 @@ ProgressMeter::ProgressMeter(std::string phase, std::string unit, int64_t total,
       tty_(out != nullptr && isatty(fileno(out))),
       min_interval_s_(min_interval_s),
       start_(std::chrono::steady_clock::now()),
-      last_emit_(start_) {}
+      last_emit_(start_) {
+  if (const char* fd = std::getenv("CROSSDIFF_PROGRESS_FD"); fd != nullptr) {
+    int v = -1;
+    if (absl::SimpleAtoi(fd, &v) && v >= 0) json_fd_ = v;
+  }
+}
+
+namespace {
+std::string JsonEscape(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20) {
+          out += absl::StrFormat("\\u%04x", c);
+        } else {
+          out += c;
+        }
+    }
+  }
+  return out;
+}
+}  // namespace
+
+std::string ProgressMeter::ToJsonLine(const ProgressUpdate& u) {
+  return absl::StrFormat(
+      "{\"phase\":\"%s\",\"done\":%d,\"total\":%d,\"unit\":\"%s\",\"rate\":%.6g,"
+      "\"eta_s\":%.6g,\"extra\":\"%s\",\"final\":%s}",
+      JsonEscape(u.phase), u.done, u.total, JsonEscape(u.unit), u.rate, u.eta_s,
+      JsonEscape(u.extra), u.final ? "true" : "false");
+}
 
 double ProgressMeter::elapsed_s() const {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
@@ -48,6 +84,11 @@ ProgressUpdate ProgressMeter::Make(int64_t done, const std::string& extra, bool 
 
 void ProgressMeter::Emit(const ProgressUpdate& u) {
   if (callback_) callback_(u);
+  if (json_fd_ >= 0) {
+    std::string line = ToJsonLine(u) + "\n";
+    // Best effort: a closed descriptor must not stop the work.
+    if (::write(json_fd_, line.data(), line.size()) < 0) json_fd_ = -1;
+  }
   if (out_ == nullptr) return;
   std::string line;
   if (u.total > 0) {

@@ -3,6 +3,11 @@
 // `min_interval_s` seconds. A callback receives every update too (the worker forwards them to the
 // coordinator as job events).
 //
+// Machine-readable progress: when the environment variable CROSSDIFF_PROGRESS_FD names an open file
+// descriptor, every emitted update is also written there as one JSON line
+// {"phase","done","total","unit","rate","eta_s","extra","final"} (the worker daemon runs the engine's
+// commands as child processes and forwards these lines to the coordinator).
+//
 // Thread-compatible: one thread updates a meter.
 #pragma once
 
@@ -43,6 +48,8 @@ class ProgressMeter {
   void Finish(int64_t done, const std::string& extra = "");
 
   double elapsed_s() const;
+  // The JSON line written to CROSSDIFF_PROGRESS_FD (no trailing newline).
+  static std::string ToJsonLine(const ProgressUpdate& u);
   // Formats seconds as "1h02m", "3m05s" or "12s".
   static std::string FormatDuration(double seconds);
 
@@ -57,6 +64,7 @@ class ProgressMeter {
   double min_interval_s_;
   std::chrono::steady_clock::time_point start_, last_emit_;
   bool emitted_ = false;
+  int json_fd_ = -1;
   Callback callback_;
 };
 
