@@ -11,6 +11,7 @@ int RunHarvest(int argc, char** argv);      // cmd_harvest.cc
 int RunTrain(int argc, char** argv);        // cmd_train.cc
 int RunAnalyze(int argc, char** argv);      // cmd_analyze.cc
 int RunDemo(int argc, char** argv);         // cmd_demo.cc
+int RunMergeStores(int argc, char** argv);  // cmd_merge.cc
 
 // Client commands (talk to a coordinator over gRPC).
 int RunSubmit(int argc, char** argv);   // cmd_client.cc

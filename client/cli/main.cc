@@ -21,6 +21,8 @@ const Command kCommands[] = {
     {"tokenize", crossdiff::cli::RunTokenize, "print the token ids of a string"},
     {"harvest", crossdiff::cli::RunHarvest,
      "write paired base/fine-tune activations into an activation store"},
+    {"merge-stores", crossdiff::cli::RunMergeStores,
+     "join activation stores of consecutive sequence ranges into one"},
     {"train", crossdiff::cli::RunTrain, "train a crosscoder on an activation store"},
     {"analyze", crossdiff::cli::RunAnalyze, "write the diff report of a trained crosscoder"},
     {"submit", crossdiff::cli::RunSubmit, "submit a diff job to a coordinator"},
