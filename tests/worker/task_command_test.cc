@@ -22,6 +22,12 @@ std::string FlagValue(const std::vector<std::string>& argv, const std::string& f
   return *(it + 1);
 }
 
+CommandContext Ctx() {
+  CommandContext ctx;
+  ctx.crossdiff_binary = "/bin/crossdiff";
+  return ctx;
+}
+
 v1::Task BaseTask() {
   v1::Task t;
   t.set_task_id("t-1");
@@ -50,7 +56,8 @@ TEST(TaskCommandTest, HarvestTaskCarriesItsSequenceRangeAndSpec) {
   t.mutable_harvest()->set_sequence_begin(10);
   t.mutable_harvest()->set_sequence_end(20);
   t.mutable_harvest()->set_output_dir("/store/parts/part-1");
-  CommandContext ctx{"/bin/crossdiff", "cpu", 1, ""};
+  CommandContext ctx = Ctx();
+  ctx.threads = 1;
   auto argv = BuildTaskCommand(t, ctx);
   ASSERT_TRUE(argv.ok()) << argv.status();
   EXPECT_EQ((*argv)[0], "/bin/crossdiff");
@@ -72,7 +79,7 @@ TEST(TaskCommandTest, HarvestTaskWithEmptyRangeIsRejected) {
   t.mutable_harvest()->set_sequence_begin(5);
   t.mutable_harvest()->set_sequence_end(5);
   t.mutable_harvest()->set_output_dir("/x");
-  auto argv = BuildTaskCommand(t, CommandContext{"/bin/crossdiff"});
+  auto argv = BuildTaskCommand(t, Ctx());
   EXPECT_EQ(argv.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(argv.status().message(), HasSubstr("empty sequence range [5, 5)"));
 }
@@ -83,7 +90,7 @@ TEST(TaskCommandTest, MergeListsPartsInOrder) {
   t.mutable_merge()->add_part_dirs("/p0");
   t.mutable_merge()->add_part_dirs("/p1");
   t.mutable_merge()->set_output_dir("/store");
-  auto argv = BuildTaskCommand(t, CommandContext{"/bin/crossdiff"});
+  auto argv = BuildTaskCommand(t, Ctx());
   ASSERT_TRUE(argv.ok());
   EXPECT_THAT(*argv, ElementsAre("/bin/crossdiff", "merge-stores", "--out", "/store", "/p0", "/p1"));
 }
@@ -95,7 +102,8 @@ TEST(TaskCommandTest, TrainGangRankGetsRendezvousAndCrosscoderFlags) {
   t.mutable_train()->set_output_dir("/nonexistent/crosscoder");
   t.mutable_train()->mutable_rendezvous()->set_rank(1);
   t.mutable_train()->mutable_rendezvous()->set_world_size(2);
-  CommandContext ctx{"/bin/crossdiff", "cpu", 0, "10.0.0.5:29500"};
+  CommandContext ctx = Ctx();
+  ctx.rendezvous = "10.0.0.5:29500";
   auto argv = BuildTaskCommand(t, ctx);
   ASSERT_TRUE(argv.ok()) << argv.status();
   EXPECT_EQ((*argv)[1], "train");
@@ -119,14 +127,14 @@ TEST(TaskCommandTest, AnalyzeAndUnknownKinds) {
   t.mutable_analyze()->set_crosscoder_dir("/cc");
   t.mutable_analyze()->set_activations_dir("/store");
   t.mutable_analyze()->set_output_dir("/report");
-  auto argv = BuildTaskCommand(t, CommandContext{"/bin/crossdiff"});
+  auto argv = BuildTaskCommand(t, Ctx());
   ASSERT_TRUE(argv.ok());
   EXPECT_EQ(FlagValue(*argv, "crosscoder"), "/cc");
   EXPECT_EQ(FlagValue(*argv, "out"), "/report");
 
   v1::Task empty;
   empty.set_task_id("t-9");
-  EXPECT_THAT(BuildTaskCommand(empty, CommandContext{"/bin/crossdiff"}).status().message(),
+  EXPECT_THAT(BuildTaskCommand(empty, Ctx()).status().message(),
               HasSubstr("unknown task kind"));
 }
 
