@@ -66,6 +66,10 @@ class SafetensorsFile {
   // in); streaming readers call this after copying a range so resident memory does not grow with
   // the file. Never fails; safe to call concurrently with reads.
   void ReleasePages(uint64_t begin, uint64_t end) const;
+  // Hint: asks the kernel to read data-section bytes [begin, end) into the page cache in the
+  // background (MADV_WILLNEED), so later random reads of the range do not wait on the disk.
+  // Never fails; adds nothing to resident memory.
+  void PrefetchPages(uint64_t begin, uint64_t end) const;
 
  private:
   SafetensorsFile() = default;
@@ -122,8 +126,8 @@ class SafetensorsWriter {
   struct Entry {
     DType dtype;
     std::vector<int64_t> shape;
-    std::vector<uint8_t> owned;       // the bytes when copied
-    const uint8_t* bytes = nullptr;   // points into `owned` or at the caller's buffer
+    std::vector<uint8_t> owned;      // the bytes when copied
+    const uint8_t* bytes = nullptr;  // points into `owned` or at the caller's buffer
     size_t nbytes = 0;
   };
   absl::Status AddEntry(const std::string& name, DType dtype, std::vector<int64_t> shape,

@@ -1,10 +1,10 @@
 // Conversions between safetensors tensors and at::Tensor.
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <string>
 #include <string_view>
-
-#include <ATen/ATen.h>
 
 #include "absl/status/statusor.h"
 #include "core/tensor_io/safetensors.h"
