@@ -125,7 +125,6 @@ absl::StatusOr<std::vector<std::string>> BuildTaskCommand(const v1::Task& task,
         AddFlag(argv, "rendezvous", ctx.rendezvous);
         if (cc.parallelism() == "latent") AddFlag(argv, "parallelism", "latent");
       }
-      AddFlag(argv, "device", ctx.device);
       add_threads();
       return argv;
     }

@@ -1,21 +1,16 @@
+// The client commands of `crossdiff`: thin wrappers over client/lib/client_commands.h.
 #include <cstdio>
 
 #include "client/cli/commands.h"
+#include "client/lib/client_commands.h"
 
 namespace crossdiff::cli {
 
-namespace {
-int NotBuilt(const char* what) {
-  std::fprintf(stderr, "error: crossdiff %s is not built yet\n", what);
-  return 1;
-}
-}  // namespace
-
-int RunSubmit(int, char**) { return NotBuilt("submit"); }
-int RunWatch(int, char**) { return NotBuilt("watch"); }
-int RunJobs(int, char**) { return NotBuilt("jobs"); }
-int RunLatents(int, char**) { return NotBuilt("latents"); }
-int RunReport(int, char**) { return NotBuilt("report"); }
-int RunCancel(int, char**) { return NotBuilt("cancel"); }
+int RunSubmit(int argc, char** argv) { return client::SubmitCommand(argc, argv, stdout, stderr); }
+int RunWatch(int argc, char** argv) { return client::WatchCommand(argc, argv, stdout, stderr); }
+int RunJobs(int argc, char** argv) { return client::JobsCommand(argc, argv, stdout, stderr); }
+int RunLatents(int argc, char** argv) { return client::LatentsCommand(argc, argv, stdout, stderr); }
+int RunReport(int argc, char** argv) { return client::ReportCommand(argc, argv, stdout, stderr); }
+int RunCancel(int argc, char** argv) { return client::CancelCommand(argc, argv, stdout, stderr); }
 
 }  // namespace crossdiff::cli

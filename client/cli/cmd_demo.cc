@@ -104,7 +104,7 @@ nlohmann::json DemoJob(int workers) {
         {"steps", 600},
         {"batch_size", 256},
         {"lr", 0.004}}},
-      {"analysis", {{"probes_path", "data/probes.jsonl"}}},
+      {"analysis", {{"probes_path", "data/categories.json"}}},
       {"workers", workers},
   };
 }

@@ -1,12 +1,89 @@
-#include <cstdio>
+// `crossdiff harvest`: paired activation harvest into an activation store (DESIGN.md 3.1, 3.2).
+#include <unistd.h>
 
+#include <cstdio>
+#include <string>
+
+#include "absl/strings/str_format.h"
 #include "client/cli/commands.h"
+#include "core/common/cli_args.h"
+#include "core/common/progress.h"
+#include "core/harvest/harvest.h"
 
 namespace crossdiff::cli {
+namespace {
+
+// Prints the live progress line: redrawn in place on a terminal, one line per update otherwise.
+void PrintProgress(const ProgressUpdate& u) {
+  static const bool tty = isatty(fileno(stderr));
+  std::string line = absl::StrFormat("[harvest] %d tokens, %.0f tokens/s", u.done, u.rate);
+  if (u.total > 0) {
+    line += absl::StrFormat(" (%.1f%% of ~%d) ETA %s",
+                            100.0 * static_cast<double>(u.done) / static_cast<double>(u.total),
+                            u.total, ProgressMeter::FormatDuration(u.eta_s));
+  }
+  if (!u.extra.empty()) line += "  " + u.extra;
+  if (tty) {
+    std::fprintf(stderr, "\r\033[K%s%s", line.c_str(), u.final ? "\n" : "");
+  } else {
+    std::fprintf(stderr, "%s\n", line.c_str());
+  }
+  std::fflush(stderr);
+}
+
+}  // namespace
 
 int RunHarvest(int argc, char** argv) {
-  std::fprintf(stderr, "error: crossdiff harvest is not built yet\n");
-  return 1;
+  CommandLine cl("crossdiff harvest",
+                 "Runs a base model and its fine-tune on the same tokens and writes the residual "
+                 "stream after block --layer of both to an activation store (docs/datasets.md).");
+  harvest::HarvestOptions o;
+  auto& base = cl.AddString("base", "", "base model directory (HF checkpoint)", true);
+  auto& finetune = cl.AddString("finetune", "", "fine-tuned model directory", true);
+  auto& data = cl.AddString("data", "", "dataset: JSONL text/chat or tokens .safetensors", true);
+  auto& layer = cl.AddInt("layer", -1, "block whose output is harvested (0-based)", true);
+  auto& out = cl.AddString("out", "", "output activation store directory", true);
+  auto& data_format = cl.AddString("data-format", "auto", "text | chat | tokens | auto");
+  auto& chat_format = cl.AddString(
+      "chat-format", "", "gemma | llama3 | chatml (default: from the base's tokenizer_config.json)");
+  auto& max_tokens = cl.AddInt("max-tokens", 0,
+                               "tokens (rows) to harvest, rounded up to whole sequences; 0 = all");
+  auto& seq_len = cl.AddInt("seq-len", 1024, "packed sequence length (tokens: cap on row length)");
+  auto& batch = cl.AddInt("batch", 8, "sequences per forward pass");
+  auto& dtype = cl.AddString("dtype", "float32", "stored activations: float32 | bfloat16");
+  auto& skip_first = cl.AddInt("skip-first", 0, "leading tokens of each sequence not stored");
+  auto& rows_per_shard = cl.AddInt("rows-per-shard", 65536, "rows per store shard");
+  auto& device = cl.AddString("device", "cpu", "cpu | cuda | cuda:N");
+  auto& threads = cl.AddInt("threads", 0, "LibTorch threads (0 = default)");
+  auto& quiet = cl.AddBool("quiet", "no progress line");
+  if (int rc = cl.ParseOrExit(argc, argv); rc >= 0) return rc;
+
+  o.base_dir = base;
+  o.finetune_dir = finetune;
+  o.data_path = data;
+  o.layer = static_cast<int>(layer);
+  o.out_dir = out;
+  o.data_format = data_format;
+  o.chat_format = chat_format;
+  o.max_tokens = max_tokens;
+  o.seq_len = seq_len;
+  o.batch_size = batch;
+  o.dtype = dtype;
+  o.skip_first = skip_first;
+  o.rows_per_shard = rows_per_shard;
+  o.device = device;
+  o.threads = static_cast<int>(threads);
+
+  auto result = harvest::RunHarvest(o, quiet ? ProgressMeter::Callback() : PrintProgress);
+  if (!result.ok()) {
+    std::fprintf(stderr, "error: %s\n", std::string(result.status().message()).c_str());
+    return 1;
+  }
+  std::printf("wrote %lld rows (layer %d, d_model %lld, %s) in %zu shards to %s: %.0f tokens/s\n",
+              static_cast<long long>(result->rows), o.layer,
+              static_cast<long long>(result->manifest.d_model), o.dtype.c_str(),
+              result->manifest.shards.size(), o.out_dir.c_str(), result->rows_per_second);
+  return 0;
 }
 
 }  // namespace crossdiff::cli

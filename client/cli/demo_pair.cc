@@ -186,18 +186,20 @@ absl::Status MakeDemoPair(const std::string& fixtures_dir, const std::string& da
     }
     jsonl += nlohmann::json{{"text", text}}.dump() + "\n";
   }
-  const char* categories[] = {"instruction following", "licence text", "narrative"};
-  for (int g = 0; g < 3; ++g) {
-    for (const auto& line : *groups[g]) {
-      probes += nlohmann::json{{"category", categories[g]}, {"text", line}}.dump() + "\n";
-    }
-  }
+  // Capability categories for the report (core/analysis/probe_categories.h): a sequence belongs to
+  // a category when its decoded text contains one of the category's words.
+  nlohmann::json categories = {
+      {"instruction following", {"help", "assistant", "answer", "please", "instructions"}},
+      {"licence text", {"License", "WARRANTY", "copyright", "Redistribution", "Permission"}},
+      {"narrative", {"river", "train", "birds", "village", "library"}},
+  };
+  probes = categories.dump(2) + "\n";
   RETURN_IF_ERROR(WriteText(data / "demo.jsonl", jsonl));
-  RETURN_IF_ERROR(WriteText(data / "probes.jsonl", probes));
+  RETURN_IF_ERROR(WriteText(data / "categories.json", probes));
   paths->base_dir = base.string();
   paths->finetune_dir = ft.string();
   paths->dataset = (data / "demo.jsonl").string();
-  paths->probes = (data / "probes.jsonl").string();
+  paths->probes = (data / "categories.json").string();
   return absl::OkStatus();
 }
 

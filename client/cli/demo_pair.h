@@ -18,7 +18,7 @@ struct DemoPairPaths {
   std::string base_dir;       // DATA_ROOT/models/base
   std::string finetune_dir;   // DATA_ROOT/models/finetune
   std::string dataset;        // DATA_ROOT/data/demo.jsonl
-  std::string probes;         // DATA_ROOT/data/probes.jsonl ({"category", "text"} lines)
+  std::string probes;         // DATA_ROOT/data/categories.json (capability categories)
 };
 
 // Writes the pair under `data_root` (created if needed). `fixtures_dir` is ../shared/fixtures.
