@@ -1,0 +1,476 @@
+#include "core/crosscoder/sparse_kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "core/common/status_macros.h"
+
+// Hot loops get an AVX2 clone next to the baseline one on x86-64 (picked at load time by CPU
+// feature, not by CPU model, so AMD and Intel both get it), so the binary stays portable while
+// using the machine's vector units.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CROSSDIFF_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CROSSDIFF_VECTOR_CLONES
+#endif
+
+namespace crossdiff::crosscoder::kernels {
+namespace {
+
+inline uint32_t ScoreKey(float pre, float w) {
+  float s = pre > 0.f ? pre * w : 0.f;
+  uint32_t k;
+  std::memcpy(&k, &s, sizeof k);
+  return k;  // non-negative floats order like their bit patterns
+}
+
+// Per-thread histograms merged in a fixed order (integer counts: exact whatever the scheduling).
+struct Histograms {
+  int64_t buckets;
+  std::vector<int64_t> data;
+  Histograms(int64_t b) : buckets(b), data(static_cast<size_t>(b * at::get_num_threads()), 0) {}
+  int64_t* of_thread() { return data.data() + at::get_thread_num() * buckets; }
+  std::vector<int64_t> Sum() const {
+    std::vector<int64_t> s(buckets, 0);
+    for (size_t t = 0; t < data.size(); t += buckets)
+      for (int64_t j = 0; j < buckets; ++j) s[j] += data[t + j];
+    return s;
+  }
+};
+
+// Highest bucket j such that the count of entries in buckets >= j reaches `need`; returns the
+// count strictly above j in *above.
+int64_t FindBucket(const std::vector<int64_t>& hist, int64_t need, int64_t* above) {
+  int64_t acc = 0;
+  for (int64_t j = static_cast<int64_t>(hist.size()) - 1; j >= 0; --j) {
+    if (acc + hist[j] >= need) {
+      *above = acc;
+      return j;
+    }
+    acc += hist[j];
+  }
+  *above = acc;
+  return 0;
+}
+
+CROSSDIFF_VECTOR_CLONES
+void HistogramTop(const float* pre, int64_t F, const float* w, int64_t b0, int64_t b1, int64_t* h) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* row = pre + b * F;
+    for (int64_t i = 0; i < F; ++i) {
+      uint32_t k = ScoreKey(row[i], w[i]);
+      if (k != 0) ++h[k >> 21];
+    }
+  }
+}
+
+void CollectBucket(const float* pre, int64_t F, const float* w, int64_t b0, int64_t b1,
+                   uint32_t top, int64_t* h, std::vector<uint32_t>* keys) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* row = pre + b * F;
+    for (int64_t i = 0; i < F; ++i) {
+      uint32_t k = ScoreKey(row[i], w[i]);
+      if (k != 0 && (k >> 21) == top) {
+        ++h[(k >> 10) & 0x7FF];
+        keys->push_back(k);
+      }
+    }
+  }
+}
+
+CROSSDIFF_VECTOR_CLONES
+void CountKept(const float* pre, int64_t F, const float* w, uint32_t tkey, int64_t b0, int64_t b1,
+               int64_t* counts) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* row = pre + b * F;
+    int64_t c = 0;
+    for (int64_t i = 0; i < F; ++i) {
+      uint32_t k = ScoreKey(row[i], w[i]);
+      c += (k != 0 && k >= tkey) ? 1 : 0;
+    }
+    counts[b] = c;
+  }
+}
+
+CROSSDIFF_VECTOR_CLONES
+void DecodeRows(const SparseCodes& c, const float* dec, int64_t Md, const float* bias, float* out,
+                int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    float* __restrict y = out + b * Md;
+    if (bias != nullptr) {
+      std::memcpy(y, bias, sizeof(float) * Md);
+    } else {
+      std::memset(y, 0, sizeof(float) * Md);
+    }
+    for (int64_t e = c.row_ptr[b]; e < c.row_ptr[b + 1]; ++e) {
+      const float a = c.value[e];
+      const float* __restrict d = dec + static_cast<int64_t>(c.latent[e]) * Md;
+#pragma omp simd
+      for (int64_t j = 0; j < Md; ++j) y[j] += a * d[j];
+    }
+  }
+}
+
+CROSSDIFF_VECTOR_CLONES
+void BackwardLatents(const LatentEntries& le, const float* x, const float* g_main,
+                     const float* g_aux, const float* dec, int64_t Md, float* g_enc, float* g_dec,
+                     float* g_benc, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {
+    float* __restrict gd = g_dec + i * Md;
+    float* __restrict ge = g_enc + i * Md;
+    const float* __restrict di = dec + i * Md;
+    std::memset(gd, 0, sizeof(float) * Md);
+    std::memset(ge, 0, sizeof(float) * Md);
+    float gb = 0.f;
+    for (int64_t e = le.ptr[i]; e < le.ptr[i + 1]; ++e) {
+      const int64_t b = le.token[e];
+      const float* __restrict gs = (le.source[e] ? g_aux : g_main) + b * Md;
+      const float* __restrict xb = x + b * Md;
+      const float a = le.value[e];
+      float gp = 0.f;
+#pragma omp simd reduction(+ : gp)
+      for (int64_t j = 0; j < Md; ++j) {
+        gd[j] += a * gs[j];
+        gp += gs[j] * di[j];
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < Md; ++j) ge[j] += gp * xb[j];
+      gb += gp;
+    }
+    g_benc[i] = gb;
+  }
+}
+
+CROSSDIFF_VECTOR_CLONES
+void AdamRange(float* __restrict p, const float* __restrict g, float* __restrict m,
+               float* __restrict v, int64_t n, float step_size, float b1, float b2, float eps,
+               float bc2_sqrt, float gs) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float gj = g[j] * gs;
+    const float mj = b1 * m[j] + (1.f - b1) * gj;
+    const float vj = b2 * v[j] + (1.f - b2) * gj * gj;
+    m[j] = mj;
+    v[j] = vj;
+    p[j] -= step_size * mj / (std::sqrt(vj) / bc2_sqrt + eps);
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<Selection> SelectKthScore(const float* pre, int64_t B, int64_t F, const float* w,
+                                         int64_t kth, const AllReduceI64& allreduce) {
+  Selection sel;
+  // Round 1: top 11 bits of the key.
+  Histograms h1(2048);
+  at::parallel_for(
+      0, B, 16, [&](int64_t b0, int64_t b1) { HistogramTop(pre, F, w, b0, b1, h1.of_thread()); });
+  std::vector<int64_t> hist = h1.Sum();
+  RETURN_IF_ERROR(allreduce(hist));
+  int64_t positive = 0;
+  for (int64_t c : hist) positive += c;
+  sel.positive = positive;
+  if (positive <= kth || kth <= 0) {
+    sel.keep_all_positive = true;
+    sel.threshold = 0.f;
+    return sel;
+  }
+  int64_t above = 0;
+  const uint32_t top = static_cast<uint32_t>(FindBucket(hist, kth, &above));
+  int64_t need = kth - above;
+  // Round 2: the next 11 bits among the entries of the chosen top bucket (collected for round 3).
+  const int threads = at::get_num_threads();
+  Histograms h2(2048);
+  std::vector<std::vector<uint32_t>> keys(threads);
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    CollectBucket(pre, F, w, b0, b1, top, h2.of_thread(), &keys[at::get_thread_num()]);
+  });
+  hist = h2.Sum();
+  RETURN_IF_ERROR(allreduce(hist));
+  const uint32_t mid = static_cast<uint32_t>(FindBucket(hist, need, &above));
+  need -= above;
+  // Round 3: the low 10 bits.
+  hist.assign(2048, 0);
+  for (const auto& ks : keys)
+    for (uint32_t k : ks)
+      if (((k >> 10) & 0x7FF) == mid) ++hist[k & 0x3FF];
+  RETURN_IF_ERROR(allreduce(hist));
+  const uint32_t low = static_cast<uint32_t>(FindBucket(hist, need, &above));
+  const uint32_t tkey = (top << 21) | (mid << 10) | low;
+  std::memcpy(&sel.threshold, &tkey, sizeof tkey);
+  return sel;
+}
+
+void GatherSelected(const float* pre, int64_t B, int64_t F, const float* w, const Selection& sel,
+                    SparseCodes* out) {
+  uint32_t tkey = 1;  // keep_all_positive: every key > 0
+  if (!sel.keep_all_positive) std::memcpy(&tkey, &sel.threshold, sizeof tkey);
+  out->row_ptr.assign(B + 1, 0);
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    CountKept(pre, F, w, tkey, b0, b1, out->row_ptr.data() + 1);
+  });
+  for (int64_t b = 0; b < B; ++b) out->row_ptr[b + 1] += out->row_ptr[b];
+  out->latent.resize(out->row_ptr[B]);
+  out->value.resize(out->row_ptr[B]);
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* row = pre + b * F;
+      int64_t e = out->row_ptr[b];
+      for (int64_t i = 0; i < F; ++i) {
+        uint32_t k = ScoreKey(row[i], w[i]);
+        if (k != 0 && k >= tkey) {
+          out->latent[e] = static_cast<int32_t>(i);
+          out->value[e] = row[i];
+          ++e;
+        }
+      }
+    }
+  });
+}
+
+namespace {
+
+struct Candidate {
+  int32_t row;
+  int32_t latent;
+  uint32_t key;
+  float value;
+};
+
+CROSSDIFF_VECTOR_CLONES
+void CollectCandidates(const float* pre, int64_t F, const float* w, uint32_t lowkey, int64_t b0,
+                       int64_t b1, std::vector<Candidate>* out) {
+  // Hits are a few percent of a row: a vectorised compare over blocks of 32 scores, and the scalar
+  // work only for blocks holding a hit.
+  constexpr int64_t kBlock = 32;
+  float lowf;
+  std::memcpy(&lowf, &lowkey, sizeof lowf);
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* row = pre + b * F;
+    int64_t i0 = 0;
+    for (; i0 + kBlock <= F; i0 += kBlock) {
+      // A hit has pre > 0, so its score pre * w (the same product ScoreKey forms) is >= lowf: this
+      // float test never misses one, and it vectorises.
+      int32_t any = 0;
+#pragma omp simd reduction(+ : any)
+      for (int64_t j = 0; j < kBlock; ++j) any += (row[i0 + j] * w[i0 + j] >= lowf) ? 1 : 0;
+      if (any == 0) continue;
+      for (int64_t i = i0; i < i0 + kBlock; ++i) {
+        const uint32_t k = ScoreKey(row[i], w[i]);
+        if (k >= lowkey && k != 0)
+          out->push_back({static_cast<int32_t>(b), static_cast<int32_t>(i), k, row[i]});
+      }
+    }
+    for (int64_t i = i0; i < F; ++i) {
+      const uint32_t k = ScoreKey(row[i], w[i]);
+      if (k >= lowkey && k != 0)
+        out->push_back({static_cast<int32_t>(b), static_cast<int32_t>(i), k, row[i]});
+    }
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<Selection> SelectAndGather(const float* pre, int64_t B, int64_t F, const float* w,
+                                          int64_t kth, float guess, const AllReduceI64& allreduce,
+                                          SparseCodes* out) {
+  // Every rank must take the same branch: the decision uses all-reduced counts only. A rank with
+  // no guess contributes a count of -1 * (large) so that all fall back together.
+  uint32_t lowkey = 0;
+  if (guess > 0) std::memcpy(&lowkey, &guess, sizeof lowkey);
+  constexpr int64_t kRowsPerTask = 32;
+  const int64_t tasks = (B + kRowsPerTask - 1) / kRowsPerTask;
+  // Reused across calls (the trainer calls from one thread): no allocation in the steady state.
+  static thread_local std::vector<std::vector<Candidate>> cand;
+  if (static_cast<int64_t>(cand.size()) < tasks) cand.resize(tasks);
+  for (auto& c : cand) c.clear();
+  int64_t count = 0;
+  if (guess > 0) {
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        cand[t].clear();
+        CollectCandidates(pre, F, w, lowkey, t * kRowsPerTask, std::min(B, (t + 1) * kRowsPerTask),
+                          &cand[t]);
+      }
+    });
+    for (const auto& c : cand) count += static_cast<int64_t>(c.size());
+  }
+  std::vector<int64_t> agg = {guess > 0 ? 1 : 0, count};
+  RETURN_IF_ERROR(allreduce(agg));
+  const int64_t world_guessing = agg[0];
+  if (guess <= 0 || agg[1] < kth || world_guessing == 0) {
+    ASSIGN_OR_RETURN(Selection sel, SelectKthScore(pre, B, F, w, kth, allreduce));
+    GatherSelected(pre, B, F, w, sel, out);
+    return sel;
+  }
+  // Radix selection over the candidates' keys (>= lowkey): three all-reduced histogram rounds.
+  Selection sel;
+  sel.positive = -1;  // not counted on this path
+  std::vector<int64_t> hist(2048, 0);
+  for (const auto& c : cand)
+    for (const auto& e : c) ++hist[e.key >> 21];
+  RETURN_IF_ERROR(allreduce(hist));
+  int64_t above = 0;
+  const uint32_t top = static_cast<uint32_t>(FindBucket(hist, kth, &above));
+  int64_t need = kth - above;
+  hist.assign(2048, 0);
+  for (const auto& c : cand)
+    for (const auto& e : c)
+      if ((e.key >> 21) == top) ++hist[(e.key >> 10) & 0x7FF];
+  RETURN_IF_ERROR(allreduce(hist));
+  const uint32_t mid = static_cast<uint32_t>(FindBucket(hist, need, &above));
+  need -= above;
+  hist.assign(2048, 0);
+  const uint32_t prefix = (top << 11) | mid;
+  for (const auto& c : cand)
+    for (const auto& e : c)
+      if ((e.key >> 10) == prefix) ++hist[e.key & 0x3FF];
+  RETURN_IF_ERROR(allreduce(hist));
+  const uint32_t low = static_cast<uint32_t>(FindBucket(hist, need, &above));
+  const uint32_t tkey = (top << 21) | (mid << 10) | low;
+  std::memcpy(&sel.threshold, &tkey, sizeof tkey);
+  // CSR by token straight from the candidates (they are in row-major order).
+  out->row_ptr.assign(B + 1, 0);
+  for (const auto& c : cand)
+    for (const auto& e : c)
+      if (e.key >= tkey) ++out->row_ptr[e.row + 1];
+  for (int64_t b = 0; b < B; ++b) out->row_ptr[b + 1] += out->row_ptr[b];
+  out->latent.resize(out->row_ptr[B]);
+  out->value.resize(out->row_ptr[B]);
+  int64_t e_out = 0;
+  for (const auto& c : cand) {
+    for (const auto& e : c) {
+      if (e.key >= tkey) {
+        out->latent[e_out] = e.latent;
+        out->value[e_out] = e.value;
+        ++e_out;
+      }
+    }
+  }
+  return sel;
+}
+
+void GatherAuxTopK(const float* pre, int64_t B, int64_t F, const std::vector<int32_t>& dead,
+                   int64_t k_aux, SparseCodes* out) {
+  const int64_t k = std::min<int64_t>(k_aux, static_cast<int64_t>(dead.size()));
+  out->row_ptr.assign(B + 1, 0);
+  std::vector<int32_t> slot_latent(static_cast<size_t>(B * std::max<int64_t>(k, 1)));
+  std::vector<float> slot_value(slot_latent.size());
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    std::vector<std::pair<float, int32_t>> cand;
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* row = pre + b * F;
+      cand.clear();
+      for (int32_t i : dead)
+        if (row[i] > 0.f) cand.emplace_back(row[i], i);
+      int64_t n = std::min<int64_t>(k, static_cast<int64_t>(cand.size()));
+      auto greater = [](const auto& a, const auto& c) {
+        return a.first > c.first || (a.first == c.first && a.second < c.second);
+      };
+      if (n < static_cast<int64_t>(cand.size()))
+        std::nth_element(cand.begin(), cand.begin() + n, cand.end(), greater);
+      std::sort(cand.begin(), cand.begin() + n,
+                [](const auto& a, const auto& c) { return a.second < c.second; });
+      for (int64_t j = 0; j < n; ++j) {
+        slot_latent[b * k + j] = cand[j].second;
+        slot_value[b * k + j] = cand[j].first;
+      }
+      out->row_ptr[b + 1] = n;
+    }
+  });
+  for (int64_t b = 0; b < B; ++b) out->row_ptr[b + 1] += out->row_ptr[b];
+  out->latent.resize(out->row_ptr[B]);
+  out->value.resize(out->row_ptr[B]);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = out->row_ptr[b + 1] - out->row_ptr[b];
+    std::copy_n(slot_latent.begin() + b * k, n, out->latent.begin() + out->row_ptr[b]);
+    std::copy_n(slot_value.begin() + b * k, n, out->value.begin() + out->row_ptr[b]);
+  }
+}
+
+void SparseDecode(const SparseCodes& codes, const float* dec, int64_t Md, const float* bias,
+                  float* out) {
+  const int64_t B = static_cast<int64_t>(codes.row_ptr.size()) - 1;
+  at::parallel_for(0, B, 8,
+                   [&](int64_t b0, int64_t b1) { DecodeRows(codes, dec, Md, bias, out, b0, b1); });
+}
+
+void BuildLatentEntries(const SparseCodes& main, const SparseCodes* aux, int64_t F,
+                        LatentEntries* out) {
+  out->ptr.assign(F + 1, 0);
+  const int64_t n_main = main.nnz(), n_aux = aux != nullptr ? aux->nnz() : 0;
+  for (int64_t e = 0; e < n_main; ++e) ++out->ptr[main.latent[e] + 1];
+  for (int64_t e = 0; e < n_aux; ++e) ++out->ptr[aux->latent[e] + 1];
+  for (int64_t i = 0; i < F; ++i) out->ptr[i + 1] += out->ptr[i];
+  const int64_t n = n_main + n_aux;
+  out->token.resize(n);
+  out->value.resize(n);
+  out->source.resize(n);
+  std::vector<int64_t> next(out->ptr.begin(), out->ptr.end() - 1);
+  auto add = [&](const SparseCodes& c, uint8_t src) {
+    const int64_t B = static_cast<int64_t>(c.row_ptr.size()) - 1;
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t e = c.row_ptr[b]; e < c.row_ptr[b + 1]; ++e) {
+        const int64_t pos = next[c.latent[e]]++;
+        out->token[pos] = static_cast<int32_t>(b);
+        out->value[pos] = c.value[e];
+        out->source[pos] = src;
+      }
+    }
+  };
+  add(main, 0);
+  if (aux != nullptr) add(*aux, 1);
+}
+
+void SparseBackward(const LatentEntries& entries, const float* x, const float* g_main,
+                    const float* g_aux, const float* dec, int64_t F, int64_t Md, float* g_enc,
+                    float* g_dec, float* g_benc) {
+  at::parallel_for(0, F, 16, [&](int64_t i0, int64_t i1) {
+    BackwardLatents(entries, x, g_main, g_aux, dec, Md, g_enc, g_dec, g_benc, i0, i1);
+  });
+}
+
+double SquaredNorm(const float* x, int64_t n) {
+  constexpr int64_t kBlock = 1 << 16;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  std::vector<double> partial(blocks, 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t a = q * kBlock, z = std::min(n, a + kBlock);
+      double s = 0;
+      for (int64_t j = a; j < z; ++j) s += static_cast<double>(x[j]) * x[j];
+      partial[q] = s;
+    }
+  });
+  double s = 0;
+  for (double p : partial) s += p;
+  return s;
+}
+
+void AdamUpdate(float* p, const float* g, float* m, float* v, int64_t n, double lr, double beta1,
+                double beta2, double eps, double grad_scale, int64_t step) {
+  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+  const float step_size = static_cast<float>(lr / bc1);
+  const float bc2_sqrt = static_cast<float>(std::sqrt(bc2));
+  at::parallel_for(0, n, 1 << 15, [&](int64_t a, int64_t z) {
+    AdamRange(p + a, g + a, m + a, v + a, z - a, step_size, static_cast<float>(beta1),
+              static_cast<float>(beta2), static_cast<float>(eps), bc2_sqrt,
+              static_cast<float>(grad_scale));
+  });
+}
+
+uint64_t HashBytes(const void* data, int64_t nbytes) {
+  const auto* p = static_cast<const uint8_t*>(data);
+  uint64_t h = 1469598103934665603ull;
+  for (int64_t i = 0; i < nbytes; ++i) {
+    h ^= p[i];
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+}  // namespace crossdiff::crosscoder::kernels
