@@ -12,6 +12,7 @@ BUILD_PACKAGES=(
   libtorch-dev libopenblas0-pthread            # LibTorch 1.13 (CPU); OpenBLAS or it runs ~25x slower
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libsqlite3-dev nlohmann-json3-dev libyaml-cpp-dev
+  libgloo-dev                                  # headers that c10d's ProcessGroupGloo.hpp includes
   libsentencepiece-dev sentencepiece
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-torch python3-numpy python3-yaml   # reference implementations in tests and bench/

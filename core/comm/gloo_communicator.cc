@@ -1,0 +1,239 @@
+#include "core/comm/gloo_communicator.h"
+
+#include <exception>
+#include <functional>
+#include <string>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "core/comm/collective_checks.h"
+
+namespace crossdiff::comm {
+namespace {
+
+c10d::ReduceOp ToC10d(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum:
+      return c10d::ReduceOp::SUM;
+    case ReduceOp::kMax:
+      return c10d::ReduceOp::MAX;
+    case ReduceOp::kMin:
+      return c10d::ReduceOp::MIN;
+  }
+  return c10d::ReduceOp::SUM;
+}
+
+bool IsLoopback(const std::string& host) {
+  return host == "localhost" || absl::StartsWith(host, "127.") || host == "::1";
+}
+
+std::string FirstLine(std::string msg) {
+  if (auto nl = msg.find('\n'); nl != std::string::npos) msg.resize(nl);
+  return msg;
+}
+
+class GlooCommunicator final : public Communicator {
+ public:
+  GlooCommunicator(std::unique_ptr<Rendezvous> rendezvous,
+                   c10::intrusive_ptr<c10d::ProcessGroupGloo> group)
+      : rendezvous_(std::move(rendezvous)), group_(std::move(group)) {}
+
+  ~GlooCommunicator() override {
+    // The group's threads go before the store they were set up with.
+    group_.reset();
+    rendezvous_.reset();
+  }
+
+  int rank() const override { return rendezvous_->options().rank; }
+  int world_size() const override { return rendezvous_->options().world_size; }
+  std::string backend() const override { return "gloo"; }
+  int64_t bytes_communicated() const override { return bytes_; }
+
+  absl::Status AllReduce(at::Tensor& t, ReduceOp op) override {
+    if (absl::Status s = CheckCollectiveTensor(rank(), "AllReduce", t, at::kCPU); !s.ok()) return s;
+    if (NeedsWidening(t)) {
+      at::Tensor wide = t.to(at::kFloat);
+      if (absl::Status s = AllReduce(wide, op); !s.ok()) return s;
+      t.copy_(wide);
+      return absl::OkStatus();
+    }
+    return Run("AllReduce", RingAllReduceBytes(t.nbytes(), world_size()), [&] {
+      std::vector<at::Tensor> tensors{t};
+      c10d::AllreduceOptions opts;
+      opts.reduceOp = ToC10d(op);
+      return group_->allreduce(tensors, opts);
+    });
+  }
+
+  absl::Status AllGather(const at::Tensor& in, at::Tensor& out) override {
+    if (absl::Status s = CheckCollectiveTensor(rank(), "AllGather", in, at::kCPU); !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = CheckCollectiveTensor(rank(), "AllGather", out, at::kCPU); !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = CheckBlockedPair(rank(), world_size(), "AllGather", in, out); !s.ok()) {
+      return s;
+    }
+    if (NeedsWidening(in)) {
+      at::Tensor wide_out = at::empty(out.sizes(), out.options().dtype(at::kFloat));
+      if (absl::Status s = AllGather(in.to(at::kFloat), wide_out); !s.ok()) return s;
+      out.copy_(wide_out);
+      return absl::OkStatus();
+    }
+    return Run("AllGather", RingAllGatherBytes(in.nbytes(), world_size()), [&] {
+      // Gloo gathers into a flat buffer, then copies each block into these views of `out`.
+      std::vector<at::Tensor> blocks;
+      at::Tensor flat_out = out.view({world_size(), in.numel()});
+      for (int r = 0; r < world_size(); ++r) blocks.push_back(flat_out[r]);
+      std::vector<std::vector<at::Tensor>> outputs{blocks};
+      std::vector<at::Tensor> inputs{in.reshape({in.numel()})};
+      return group_->allgather(outputs, inputs);
+    });
+  }
+
+  absl::Status ReduceScatter(const at::Tensor& in, at::Tensor& out, ReduceOp op) override {
+    if (absl::Status s = CheckCollectiveTensor(rank(), "ReduceScatter", in, at::kCPU); !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = CheckCollectiveTensor(rank(), "ReduceScatter", out, at::kCPU); !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = CheckBlockedPair(rank(), world_size(), "ReduceScatter", out, in);
+        !s.ok()) {
+      return s;
+    }
+    if (NeedsWidening(in)) {
+      at::Tensor wide_out = at::empty(out.sizes(), out.options().dtype(at::kFloat));
+      if (absl::Status s = ReduceScatter(in.to(at::kFloat), wide_out, op); !s.ok()) return s;
+      out.copy_(wide_out);
+      return absl::OkStatus();
+    }
+    // Gloo has no reduce-scatter: an all-to-all delivers block r of every rank to rank r (the
+    // bandwidth a ring reduce-scatter needs), then rank r reduces the W blocks locally.
+    at::Tensor received = at::empty({world_size(), out.numel()}, in.options());
+    absl::Status s = Run("ReduceScatter", RingReduceScatterBytes(in.nbytes(), world_size()), [&] {
+      at::Tensor flat_in = in.reshape({in.numel()});
+      at::Tensor flat_received = received.view({received.numel()});
+      std::vector<int64_t> equal_splits;
+      return group_->alltoall_base(flat_received, flat_in, equal_splits, equal_splits);
+    });
+    if (!s.ok()) return s;
+    at::Tensor reduced;
+    switch (op) {
+      case ReduceOp::kSum:
+        reduced = received.sum(0, false, out.scalar_type());
+        break;
+      case ReduceOp::kMax:
+        reduced = std::get<0>(received.max(0));
+        break;
+      case ReduceOp::kMin:
+        reduced = std::get<0>(received.min(0));
+        break;
+    }
+    out.view({out.numel()}).copy_(reduced);
+    return absl::OkStatus();
+  }
+
+  absl::Status Broadcast(at::Tensor& t, int root) override {
+    if (absl::Status s = CheckCollectiveTensor(rank(), "Broadcast", t, at::kCPU); !s.ok()) return s;
+    if (root < 0 || root >= world_size()) {
+      return absl::InvalidArgumentError(absl::StrCat("rank ", rank(), ": Broadcast: root ", root,
+                                                     " is outside [0, ", world_size(), ")"));
+    }
+    if (NeedsWidening(t)) {
+      at::Tensor wide = t.to(at::kFloat);
+      if (absl::Status s = Broadcast(wide, root); !s.ok()) return s;
+      t.copy_(wide);
+      return absl::OkStatus();
+    }
+    return Run("Broadcast", rank() == root ? t.nbytes() : 0, [&] {
+      std::vector<at::Tensor> tensors{t};
+      c10d::BroadcastOptions opts;
+      opts.rootRank = root;
+      return group_->broadcast(tensors, opts);
+    });
+  }
+
+  absl::Status Barrier() override {
+    return Run("Barrier", 0, [&] { return group_->barrier(); });
+  }
+
+ private:
+  // Gloo (as of LibTorch 1.13) has no bfloat16 kernels: such tensors travel as float32, which holds
+  // every bfloat16 value exactly (sums are rounded once, at the end).
+  static bool NeedsWidening(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; }
+
+  // Launches one collective and waits for it (bounded by the timeout both in Gloo's own transport
+  // and in the wait). The first failure breaks the communicator: the ranks' collective sequences
+  // no longer line up, so later calls fail fast with the original error.
+  template <typename Launch>
+  absl::Status Run(const char* what, int64_t bytes, Launch&& launch) {
+    if (!broken_.ok()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "rank ", rank(), ": ", what, " on a communicator broken by: ", broken_.message()));
+    }
+    ++seq_;
+    rendezvous_->EnterCollective(seq_);
+    std::string error;
+    try {
+      auto work = launch();
+      work->wait(rendezvous_->options().timeout);
+      bytes_ += bytes;
+      return absl::OkStatus();
+    } catch (const c10::Error& e) {
+      error = FirstLine(e.what_without_backtrace());
+    } catch (const std::exception& e) {
+      error = FirstLine(e.what());
+    }
+    const bool timed_out = absl::StrContains(absl::AsciiStrToLower(error), "timed out") ||
+                           absl::StrContains(absl::AsciiStrToLower(error), "timeout");
+    broken_ = rendezvous_->ExplainFailure(what, seq_, error, timed_out);
+    return broken_;
+  }
+
+  std::unique_ptr<Rendezvous> rendezvous_;
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> group_;
+  int64_t seq_ = 0;
+  int64_t bytes_ = 0;
+  absl::Status broken_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Communicator>> MakeGlooCommunicator(
+    std::unique_ptr<Rendezvous> rendezvous) {
+  const RendezvousOptions& o = rendezvous->options();
+  try {
+    auto options = c10d::ProcessGroupGloo::Options::create(o.timeout);
+    if (absl::StartsWith(o.device, "if:")) {
+      options->devices.push_back(
+          c10d::ProcessGroupGloo::createDeviceForInterface(o.device.substr(3)));
+    } else if (!o.device.empty()) {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(o.device));
+    } else if (IsLoopback(o.host)) {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+    } else {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    }
+    auto prefixed =
+        c10::make_intrusive<c10d::PrefixStore>("crossdiff/gloo", rendezvous->store_ptr());
+    auto group =
+        c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, o.rank, o.world_size, options);
+    return std::unique_ptr<Communicator>(
+        new GlooCommunicator(std::move(rendezvous), std::move(group)));
+  } catch (const c10::Error& e) {
+    return absl::DeadlineExceededError(
+        absl::StrCat("rank ", o.rank, ": connecting Gloo to the other ", o.world_size - 1,
+                     " ranks failed: ", FirstLine(e.what_without_backtrace())));
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(absl::StrCat("rank ", o.rank, ": Gloo setup failed: ", e.what()));
+  }
+}
+
+}  // namespace crossdiff::comm

@@ -1,0 +1,119 @@
+// The local launcher (--nproc) with real processes: output forwarding with rank prefixes, stopping
+// the other ranks when one fails, and the flag helpers.
+#include "core/comm/launch.h"
+
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/comm/rank_runner.h"
+
+namespace crossdiff::comm {
+namespace {
+
+using ::crossdiff::comm::testing::RankBinary;
+using ::crossdiff::comm::testing::RankRun;
+using ::crossdiff::comm::testing::RunRanks;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+TEST(LocalLauncherTest, ForwardsEveryRanksOutput) {
+  RankRun run = RunRanks(3, {"--scenario", "echo"}, true);
+  EXPECT_EQ(run.result.failed_rank, -1) << run.result.failure;
+  EXPECT_THAT(run.result.exit_codes, ElementsAre(0, 0, 0));
+  for (int r = 0; r < 3; ++r) {
+    EXPECT_EQ(run.Line(r, "hello"), "hello from rank " + std::to_string(r) + " of 3");
+    EXPECT_THAT(run.stderr_lines[r], ::testing::Contains("note from rank " + std::to_string(r)));
+  }
+}
+
+TEST(LocalLauncherTest, FailingRankStopsTheOthersAndIsNamed) {
+  RankRun run = RunRanks(3, {"--scenario", "fail", "--victim", "1"}, true);
+  EXPECT_EQ(run.result.failed_rank, 1);
+  EXPECT_EQ(run.result.failure, "rank 1 exited with status 3");
+  EXPECT_EQ(run.result.exit_code(), 3);
+  EXPECT_EQ(run.result.exit_codes[0], 128 + SIGTERM);  // stopped by the launcher, not 60 s later
+  EXPECT_EQ(run.result.exit_codes[2], 128 + SIGTERM);
+}
+
+TEST(LocalLauncherTest, RankZeroThatNeverPublishesItsPortIsNamed) {
+  LocalLaunchSpec spec;
+  spec.executable = "/bin/sh";
+  spec.args = {"-c", "exec sleep 30"};  // the rank flags land in $0.. and are ignored
+  spec.nproc = 2;
+  spec.port_timeout = std::chrono::milliseconds(300);
+  spec.kill_grace = std::chrono::milliseconds(200);
+  absl::StatusOr<LocalLaunchResult> result = RunLocalRanks(spec);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->failed_rank, 0);
+  EXPECT_EQ(result->failure, "rank 0 did not publish its rendezvous port within 0.3s");
+  EXPECT_EQ(result->exit_codes.size(), 2u);
+  EXPECT_EQ(result->exit_codes[1], -1);  // never started
+}
+
+// Runs `command`, returns its exit status and merged output.
+std::pair<int, std::string> Shell(const std::string& command) {
+  std::string output;
+  FILE* p = popen((command + " 2>&1").c_str(), "r");
+  std::array<char, 4096> buf;
+  while (size_t n = fread(buf.data(), 1, buf.size(), p)) output.append(buf.data(), n);
+  int status = pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, output};
+}
+
+TEST(MaybeLaunchLocalTest, NprocRunsTheSameCommandAsRanks) {
+  auto [code, output] = Shell(RankBinary() + " --nproc 2 --scenario collectives");
+  EXPECT_EQ(code, 0) << output;
+  EXPECT_THAT(output, HasSubstr("[rank 0] COLLECTIVES_OK"));
+  EXPECT_THAT(output, HasSubstr("[rank 1] COLLECTIVES_OK"));
+}
+
+TEST(MaybeLaunchLocalTest, FailedRankGivesItsExitCodeAndIsNamed) {
+  auto [code, output] = Shell(RankBinary() + " --scenario fail --victim 1 --nproc=2");
+  EXPECT_EQ(code, 3) << output;
+  EXPECT_THAT(output, HasSubstr("crossdiff: rank 1 exited with status 3; stopped the other ranks"));
+}
+
+TEST(MaybeLaunchLocalTest, NprocWithRankFlagsIsRejected) {
+  auto [code, output] = Shell(RankBinary() + " --scenario echo --nproc 2 --rank 1");
+  EXPECT_EQ(code, 2);
+  EXPECT_THAT(output, HasSubstr("--nproc: cannot be combined with --rank"));
+}
+
+TEST(LaunchFlagsTest, ParseHostPort) {
+  std::string host;
+  int port = 0;
+  ASSERT_TRUE(ParseHostPort("rendezvous", "10.1.2.3:29500", &host, &port).ok());
+  EXPECT_EQ(host, "10.1.2.3");
+  EXPECT_EQ(port, 29500);
+  ASSERT_TRUE(ParseHostPort("rendezvous", "[::1]:0", &host, &port).ok());
+  EXPECT_EQ(host, "::1");
+  EXPECT_EQ(port, 0);
+  absl::Status bad = ParseHostPort("rendezvous", "node7", &host, &port);
+  EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(bad.message(), HasSubstr("--rendezvous: 'node7' is not HOST:PORT"));
+  EXPECT_THAT(ParseHostPort("rendezvous", "h:70000", &host, &port).message(),
+              HasSubstr("not a number in [0, 65535]"));
+}
+
+TEST(LaunchFlagsTest, RemoveFlagDropsBothForms) {
+  EXPECT_THAT(
+      RemoveFlag({"train", "--nproc", "4", "--steps", "3", "--nproc=2", "--", "--nproc"}, "nproc"),
+      ElementsAre("train", "--steps", "3", "--", "--nproc"));
+}
+
+TEST(LaunchFlagsTest, WorldSizeWithoutRendezvousIsRejected) {
+  CommandLine cl("t", "t");
+  LaunchFlags flags = AddLaunchFlags(cl);
+  std::array<const char*, 3> argv = {"t", "--world-size", "2"};
+  ASSERT_TRUE(cl.Parse(3, const_cast<char**>(argv.data())).ok());
+  auto o = RendezvousOptionsFromFlags(flags);
+  EXPECT_EQ(o.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(o.status().message(), HasSubstr("--rendezvous: needed with --world-size 2"));
+}
+
+}  // namespace
+}  // namespace crossdiff::comm
