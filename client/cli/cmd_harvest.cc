@@ -44,8 +44,9 @@ int RunHarvest(int argc, char** argv) {
   auto& layer = cl.AddInt("layer", -1, "block whose output is harvested (0-based)", true);
   auto& out = cl.AddString("out", "", "output activation store directory", true);
   auto& data_format = cl.AddString("data-format", "auto", "text | chat | tokens | auto");
-  auto& chat_format = cl.AddString(
-      "chat-format", "", "gemma | llama3 | chatml (default: from the base's tokenizer_config.json)");
+  auto& chat_format =
+      cl.AddString("chat-format", "",
+                   "gemma | llama3 | chatml (default: from the base's tokenizer_config.json)");
   auto& max_tokens = cl.AddInt("max-tokens", 0,
                                "tokens (rows) to harvest, rounded up to whole sequences; 0 = all");
   auto& seq_len = cl.AddInt("seq-len", 1024, "packed sequence length (tokens: cap on row length)");

@@ -152,8 +152,8 @@ absl::Status MakeDemoPair(const std::string& fixtures_dir, const std::string& da
     at::Tensor u = at::randn({d}, gen);
     at::Tensor v = at::randn({d}, gen);
     v = v - (v.dot(u) / u.dot(u)) * u;  // the two planted directions are orthogonal
-    u = u / u.norm() * 1.5;
-    v = v / v.norm() * 1.5;
+    u = u / u.norm() * 6.0;
+    v = v / v.norm() * 6.0;
     at::Tensor base_ids = at::tensor(base_tokens, at::kLong);
     at::Tensor ft_ids = at::tensor(ft_tokens, at::kLong);
 
