@@ -123,7 +123,7 @@ absl::StatusOr<std::vector<std::string>> BuildTaskCommand(const v1::Task& task,
         AddFlag(argv, "rank", std::to_string(rv.rank()));
         AddFlag(argv, "world-size", std::to_string(rv.world_size()));
         AddFlag(argv, "rendezvous", ctx.rendezvous);
-        if (cc.parallelism() == "latent") AddFlag(argv, "parallelism", "latent");
+        if (cc.parallelism() == "latent") AddFlag(argv, "sharding", "latent");
       }
       add_threads();
       return argv;

@@ -12,6 +12,7 @@
 #include "core/comm/launch.h"
 #include "core/common/cli_args.h"
 #include "core/common/progress.h"
+#include "core/crosscoder/sharded_trainer.h"
 #include "core/crosscoder/trainer.h"
 
 namespace crossdiff::cli {
@@ -54,8 +55,15 @@ int RunTrain(int argc, char** argv) {
   auto& shuffle = cl.AddInt("shuffle-buffer", 65536, "rows held by the shuffling reader");
   auto& quiet = cl.AddBool("quiet", "no progress line");
   // Data-parallel training: --nproc N (local ranks) or --rank/--world-size/--rendezvous.
+  auto& sharding = cl.AddString("sharding", "data",
+                                "with several ranks: data (data parallel) or latent (dict_size / W "
+                                "latents per rank)");
   comm::LaunchFlags launch = comm::AddLaunchFlags(cl);
   if (int rc = cl.ParseOrExit(argc, argv); rc >= 0) return rc;
+  if (sharding != "data" && sharding != "latent") {
+    std::fprintf(stderr, "error: --sharding: expected data or latent, got '%s'\n", sharding.c_str());
+    return 2;
+  }
   absl::StatusOr<std::optional<int>> launched = comm::MaybeLaunchLocal(launch);
   if (!launched.ok()) {
     std::fprintf(stderr, "error: %s\n", std::string(launched.status().message()).c_str());
@@ -114,7 +122,8 @@ int RunTrain(int argc, char** argv) {
       std::fflush(stderr);
     };
   }
-  auto result = crosscoder::RunTraining(o, comm->get(), progress);
+  auto result = sharding == "latent" ? crosscoder::RunShardedTraining(o, comm->get(), progress)
+                                     : crosscoder::RunTraining(o, comm->get(), progress);
   if (!result.ok()) {
     std::fprintf(stderr, "%serror: %s\n", tty ? "\n" : "",
                  std::string(result.status().message()).c_str());
