@@ -2,10 +2,13 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/strings/str_format.h"
 #include "client/cli/commands.h"
+#include "core/comm/launch.h"
 #include "core/common/cli_args.h"
 #include "core/common/progress.h"
 #include "core/harvest/harvest.h"
@@ -57,7 +60,25 @@ int RunHarvest(int argc, char** argv) {
   auto& device = cl.AddString("device", "cpu", "cpu | cuda | cuda:N");
   auto& threads = cl.AddInt("threads", 0, "LibTorch threads (0 = default)");
   auto& quiet = cl.AddBool("quiet", "no progress line");
+  // Sharded harvest: --nproc N (local ranks) or --rank/--world-size/--rendezvous. Rank r harvests
+  // its part of the sequences; after a barrier rank 0 merges the part manifests into one store.
+  // The barrier waits for the slowest rank, hence the long default timeout (a rank that dies is
+  // noticed at once: its connections close).
+  comm::LaunchFlags launch = comm::AddLaunchFlags(cl, /*default_timeout_s=*/7 * 24 * 3600.0);
   if (int rc = cl.ParseOrExit(argc, argv); rc >= 0) return rc;
+  absl::StatusOr<std::optional<int>> launched = comm::MaybeLaunchLocal(launch);
+  if (!launched.ok()) {
+    std::fprintf(stderr, "error: %s\n", std::string(launched.status().message()).c_str());
+    return 1;
+  }
+  if (launched->has_value()) return **launched;  // this process launched the ranks
+  absl::StatusOr<std::unique_ptr<comm::Communicator>> comm = comm::ConnectFromFlags(launch);
+  if (!comm.ok()) {
+    std::fprintf(stderr, "error: %s\n", std::string(comm.status().message()).c_str());
+    return 1;
+  }
+  const int rank = (*comm)->rank();
+  const int world_size = (*comm)->world_size();
 
   o.base_dir = base;
   o.finetune_dir = finetune;
@@ -74,11 +95,34 @@ int RunHarvest(int argc, char** argv) {
   o.rows_per_shard = rows_per_shard;
   o.device = device;
   o.threads = static_cast<int>(threads);
+  o.rank = rank;
+  o.world_size = world_size;
 
-  auto result = harvest::RunHarvest(o, quiet ? ProgressMeter::Callback() : PrintProgress);
+  auto result =
+      harvest::RunHarvest(o, quiet || rank != 0 ? ProgressMeter::Callback() : PrintProgress);
   if (!result.ok()) {
     std::fprintf(stderr, "error: %s\n", std::string(result.status().message()).c_str());
     return 1;
+  }
+  if (world_size > 1) {
+    if (absl::Status st = (*comm)->Barrier(); !st.ok()) {
+      std::fprintf(stderr, "error: waiting for the other ranks: %s\n",
+                   std::string(st.message()).c_str());
+      return 1;
+    }
+    if (rank != 0) return 0;
+    auto merged = harvest::MergeHarvestParts(o.out_dir, world_size);
+    if (!merged.ok()) {
+      std::fprintf(stderr, "error: %s\n", std::string(merged.status().message()).c_str());
+      return 1;
+    }
+    std::printf(
+        "wrote %lld rows (layer %d, d_model %lld, %s) in %zu shards from %d ranks to %s: "
+        "rank 0 %.0f tokens/s\n",
+        static_cast<long long>(merged->rows), o.layer, static_cast<long long>(merged->d_model),
+        o.dtype.c_str(), merged->shards.size(), world_size, o.out_dir.c_str(),
+        result->rows_per_second);
+    return 0;
   }
   std::printf("wrote %lld rows (layer %d, d_model %lld, %s) in %zu shards to %s: %.0f tokens/s\n",
               static_cast<long long>(result->rows), o.layer,
