@@ -26,7 +26,7 @@ WORKDIR /src
 COPY . .
 RUN cmake -S . -B /build -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH=/opt/libtorch \
       -DCROSSDIFF_WITH_CUDA=ON -DCROSSDIFF_BUILD_TESTS=OFF -DCROSSDIFF_BUILD_BENCHMARKS=OFF \
- && cmake --build /build -j"$(nproc)" --target crossdiff crossdiff-coordinator crossdiff-worker
+ && cmake --build /build -j"$(nproc)" --target crossdiff crossdiff-coordinator crossdiff-worker crossdiff_spm
 
 FROM ${DEBIAN_IMAGE}-slim AS coordinator
 COPY scripts/install-deps.sh /tmp/install-deps.sh
@@ -44,6 +44,7 @@ RUN bash /tmp/install-deps.sh --runtime-worker && rm -rf /var/lib/apt/lists/* /t
 COPY --from=build /opt/libtorch/lib /opt/libtorch/lib
 COPY --from=build /usr/local/cuda/lib64/libcudart.so* /usr/lib/x86_64-linux-gnu/libnccl.so* /opt/cuda/lib/
 COPY --from=build /build/bin/crossdiff-worker /build/bin/crossdiff /usr/local/bin/
+COPY --from=build /build/lib/libcrossdiff_spm.so /usr/local/lib/
 ENV LD_LIBRARY_PATH=/opt/libtorch/lib:/opt/cuda/lib
 RUN useradd --system --uid 10001 crossdiff && mkdir -p /work /data && chown crossdiff /work
 USER crossdiff

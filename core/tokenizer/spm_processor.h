@@ -1,6 +1,7 @@
 // A thin wrapper around sentencepiece::SentencePieceProcessor with plain standard-library types.
-// sentencepiece_processor.h declares its own `absl::string_view`, which collides with Debian's
-// Abseil headers, so it is included only in spm_processor.cc (a translation unit without Abseil).
+// SentencePiece itself lives in the plugin libcrossdiff_spm.so (spm_plugin.h explains why), loaded
+// on first use from: $CROSSDIFF_SPM_PLUGIN, beside the executable, ../lib beside it, the build
+// directory, then the loader's search path.
 // Thread-safety: const methods are safe to call concurrently once loaded.
 #pragma once
 
@@ -8,10 +9,6 @@
 #include <string>
 #include <string_view>
 #include <vector>
-
-namespace sentencepiece {
-class SentencePieceProcessor;
-}
 
 namespace crossdiff::tokenizer {
 
@@ -34,7 +31,8 @@ class SpmProcessor {
   std::string SerializedModel() const;
 
  private:
-  std::unique_ptr<sentencepiece::SentencePieceProcessor> sp_;
+  void* sp_ = nullptr;                // the plugin's processor
+  std::vector<std::string> pieces_;   // id -> piece, filled at load
 };
 
 }  // namespace crossdiff::tokenizer
