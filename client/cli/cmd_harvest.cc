@@ -60,6 +60,11 @@ int RunHarvest(int argc, char** argv) {
   auto& device = cl.AddString("device", "cpu", "cpu | cuda | cuda:N");
   auto& threads = cl.AddInt("threads", 0, "LibTorch threads (0 = default)");
   auto& quiet = cl.AddBool("quiet", "no progress line");
+  auto& sequence_begin = cl.AddInt("sequence-begin", 0,
+                                   "with --sequence-end: first sequence of the part to harvest");
+  auto& sequence_end = cl.AddInt("sequence-end", -1,
+                                 "harvest only sequences [begin, end) into a store of their own "
+                                 "(joined by crossdiff merge-stores); -1: all");
   // Sharded harvest: --nproc N (local ranks) or --rank/--world-size/--rendezvous. Rank r harvests
   // its part of the sequences; after a barrier rank 0 merges the part manifests into one store.
   // The barrier waits for the slowest rank, hence the long default timeout (a rank that dies is
@@ -95,6 +100,8 @@ int RunHarvest(int argc, char** argv) {
   o.rows_per_shard = rows_per_shard;
   o.device = device;
   o.threads = static_cast<int>(threads);
+  o.sequence_begin = sequence_begin;
+  o.sequence_end = sequence_end;
   o.rank = rank;
   o.world_size = world_size;
 

@@ -179,7 +179,15 @@ absl::StatusOr<HarvestResult> RunHarvestImpl(const HarvestOptions& o,
   // This process's part of the dataset. A single process needs no count (it streams to the end);
   // ranks need the total to split it (a tokenising pass for text/chat, capped at the budget).
   data::SequenceRange range{0, budget};
-  if (o.world_size > 1 || dataset.format == data::DataFormat::kTokens) {
+  if (o.sequence_end >= 0) {
+    if (o.world_size > 1 || o.sequence_begin < 0 || o.sequence_end < o.sequence_begin) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sequence range [", o.sequence_begin, ", ", o.sequence_end,
+          ") is invalid (or combined with several ranks)"));
+    }
+    range = {o.sequence_begin, std::min(o.sequence_end, budget)};
+    range.begin = std::min(range.begin, range.end);
+  } else if (o.world_size > 1 || dataset.format == data::DataFormat::kTokens) {
     ASSIGN_OR_RETURN(int64_t total, CountHarvestSequences(dataset, encoder, budget));
     ASSIGN_OR_RETURN(range, data::RankRange(total, o.rank, o.world_size));
   }

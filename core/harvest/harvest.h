@@ -56,6 +56,11 @@ struct HarvestOptions {
   int threads = 0;             // LibTorch intra-op threads; 0 = leave as is
   int rank = 0;
   int world_size = 1;
+  // An explicit part of the dataset's sequences, [sequence_begin, sequence_end), harvested into a
+  // store of its own (the coordinator's harvest tasks; their stores are joined by
+  // `crossdiff merge-stores`). sequence_end < 0: not used. Exclusive with world_size > 1.
+  int64_t sequence_begin = 0;
+  int64_t sequence_end = -1;
   // Seconds between progress callbacks (the final one is always sent).
   double progress_interval_s = 1.0;
   // When non-null and set, the harvest stops before its next batch and returns CANCELLED; the
