@@ -6,7 +6,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <random>
-#include <set>
+#include <algorithm>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -66,25 +66,31 @@ absl::Status WriteText(const fs::path& path, const std::string& text) {
   return absl::OkStatus();
 }
 
-// Token ids that occur in `group` and in none of `others`.
-absl::StatusOr<std::vector<int64_t>> DistinctTokens(const tokenizer::Tokenizer& tok,
-                                                    const std::vector<std::string>& group,
-                                                    const std::vector<std::vector<std::string>>& others) {
-  std::set<int32_t> mine, theirs;
+// The `count` token ids most typical of `group`: frequent in it and rare in `others` (ranked by
+// count in group / (1 + count in others)). Subword tokens are shared by all text, so exclusivity
+// would leave only a few rare ids; typical ones make the planted feature frequent enough to learn.
+absl::StatusOr<std::vector<int64_t>> TypicalTokens(const tokenizer::Tokenizer& tok,
+                                                   const std::vector<std::string>& group,
+                                                   const std::vector<std::vector<std::string>>& others,
+                                                   size_t count) {
+  std::map<int32_t, double> mine, theirs;
   for (const auto& text : group) {
     ASSIGN_OR_RETURN(auto ids, tok.Encode(text, false));
-    mine.insert(ids.begin(), ids.end());
+    for (int32_t id : ids) mine[id] += 1;
   }
   for (const auto& g : others) {
     for (const auto& text : g) {
       ASSIGN_OR_RETURN(auto ids, tok.Encode(text, false));
-      theirs.insert(ids.begin(), ids.end());
+      for (int32_t id : ids) theirs[id] += 1;
     }
   }
-  std::vector<int64_t> out;
-  for (int32_t id : mine) {
-    if (!theirs.count(id)) out.push_back(id);
+  std::vector<std::pair<double, int32_t>> scored;
+  for (const auto& [id, n] : mine) {
+    if (n >= 2) scored.push_back({-n / (1.0 + theirs[id]), id});
   }
+  std::sort(scored.begin(), scored.end());
+  std::vector<int64_t> out;
+  for (size_t i = 0; i < scored.size() && out.size() < count; ++i) out.push_back(scored[i].second);
   return out;
 }
 
@@ -140,8 +146,8 @@ absl::Status MakeDemoPair(const std::string& fixtures_dir, const std::string& da
   ASSIGN_OR_RETURN(auto tok, tokenizer::Tokenizer::Load(base.string()));
 
   const auto instruction = Lines(kInstruction), licence = Lines(kLicence), neutral = Lines(kNeutral);
-  ASSIGN_OR_RETURN(auto ft_tokens, DistinctTokens(*tok, instruction, {licence, neutral}));
-  ASSIGN_OR_RETURN(auto base_tokens, DistinctTokens(*tok, licence, {instruction, neutral}));
+  ASSIGN_OR_RETURN(auto ft_tokens, TypicalTokens(*tok, instruction, {licence, neutral}, 160));
+  ASSIGN_OR_RETURN(auto base_tokens, TypicalTokens(*tok, licence, {instruction, neutral}, 160));
 
   ASSIGN_OR_RETURN(auto ckpt, tensor_io::Checkpoint::Open((llama / "model.safetensors").string()));
   absl::Status st = GuardTorch("making the demo pair", [&]() -> absl::Status {
@@ -152,15 +158,21 @@ absl::Status MakeDemoPair(const std::string& fixtures_dir, const std::string& da
     at::Tensor u = at::randn({d}, gen);
     at::Tensor v = at::randn({d}, gen);
     v = v - (v.dot(u) / u.dot(u)) * u;  // the two planted directions are orthogonal
-    u = u / u.norm() * 6.0;
-    v = v / v.norm() * 6.0;
+    u = u / u.norm() * 8.0;
+    v = v / v.norm() * 8.0;
     at::Tensor base_ids = at::tensor(base_tokens, at::kLong);
     at::Tensor ft_ids = at::tensor(ft_tokens, at::kLong);
 
+    // The planted direction's strength falls with the token's rank (most typical first), so the
+    // feature has a graded activation rather than one fixed value.
+    auto graded = [](const at::Tensor& ids, const at::Tensor& dir) {
+      at::Tensor strength = at::linspace(1.0, 0.25, ids.size(0)).unsqueeze(1);
+      return (strength * dir.unsqueeze(0)).contiguous();
+    };
     at::Tensor base_embed = embed.clone();
-    base_embed.index_add_(0, base_ids, u.unsqueeze(0).expand({base_ids.size(0), d}).contiguous());
+    base_embed.index_add_(0, base_ids, graded(base_ids, u));
     at::Tensor ft_embed = embed.clone();
-    ft_embed.index_add_(0, ft_ids, v.unsqueeze(0).expand({ft_ids.size(0), d}).contiguous());
+    ft_embed.index_add_(0, ft_ids, graded(ft_ids, v));
     at::Tensor ft_down = down + 0.02 * at::randn(down.sizes(), gen);
 
     RETURN_IF_ERROR(WriteModel(*ckpt, {{"model.embed_tokens.weight", base_embed}}, base));
