@@ -111,28 +111,40 @@ std::string RenderMarkdown(const Report& report) {
   for (const LatentReport& l : report.latents) {
     if (l.freq > 0) live.push_back(&l);
   }
-  auto pick = [&](LatentTag tag, bool ascending) {
+  // The latents with `tag`, most extreme first; when none has it, the nearest live latents, so the
+  // reader still sees which way the diff leans (with a note saying no latent passed the threshold).
+  auto pick = [&](LatentTag tag, bool ascending, bool* nearest) {
     std::vector<const LatentReport*> rows;
     for (const LatentReport* l : live) {
       if (l->tag == tag) rows.push_back(l);
     }
+    *nearest = rows.empty();
+    if (*nearest) rows = live;
     std::stable_sort(rows.begin(), rows.end(), [&](const LatentReport* a, const LatentReport* b) {
       if (a->delta != b->delta) return ascending ? a->delta < b->delta : a->delta > b->delta;
       return a->freq > b->freq;
     });
-    if (rows.size() > 25) rows.resize(25);
+    if (rows.size() > (*nearest ? 5u : 25u)) rows.resize(*nearest ? 5u : 25u);
     return rows;
+  };
+  auto table = [&](LatentTag tag, bool ascending, const char* threshold) {
+    bool nearest = false;
+    auto rows = pick(tag, ascending, &nearest);
+    if (nearest && !rows.empty()) {
+      out += absl::StrCat("No live latent has delta ", threshold, "; the nearest are:\n\n");
+    }
+    LatentTable(report, rows, out);
   };
   out +=
       "## Most fine-tune-specific latents\n\nLowest delta first (live latents only). nu = "
       "beta_base / "
       "beta_ft from latent scaling: near 0 means the base model does not use the direction.\n\n";
-  LatentTable(report, pick(LatentTag::kFinetuneOnly, true), out);
+  table(LatentTag::kFinetuneOnly, true, "< 0.1");
   out +=
       "## Most base-specific latents\n\nHighest delta first. nu = beta_base / beta_ft: large "
       "values "
       "(1/nu near 0) mean the fine-tune does not use the direction.\n\n";
-  LatentTable(report, pick(LatentTag::kBaseOnly, false), out);
+  table(LatentTag::kBaseOnly, false, "> 0.9");
 
   out += "## Latent scaling\n\n";
   if (s.latent_scaling_tags.empty()) {
