@@ -387,7 +387,9 @@ absl::StatusOr<ActivationBatch> StoreReader::GatherRows(const std::vector<int64_
   });
 }
 
-void StoreReader::ReleaseRows(int64_t begin, int64_t end) const {
+void StoreReader::ForEachActivationRange(
+    int64_t begin, int64_t end,
+    const std::function<void(const tensor_io::SafetensorsFile&, uint64_t, uint64_t)>& fn) const {
   begin = std::max<int64_t>(begin, 0);
   end = std::min(end, rows());
   int64_t row = begin;
@@ -396,23 +398,19 @@ void StoreReader::ReleaseRows(int64_t begin, int64_t end) const {
     const int64_t lo = row - shard_start_[s];
     const int64_t hi = std::min(end, shard_start_[s + 1]) - shard_start_[s];
     const uint64_t base = shard_data_[s].activations_offset;
-    files_[s]->ReleasePages(base + lo * row_bytes_, base + hi * row_bytes_);
+    fn(*files_[s], base + lo * row_bytes_, base + hi * row_bytes_);
     row += hi - lo;
   }
 }
 
+void StoreReader::ReleaseRows(int64_t begin, int64_t end) const {
+  ForEachActivationRange(begin, end, [](const tensor_io::SafetensorsFile& f, uint64_t from,
+                                        uint64_t to) { f.ReleasePages(from, to); });
+}
+
 void StoreReader::PrefetchRows(int64_t begin, int64_t end) const {
-  begin = std::max<int64_t>(begin, 0);
-  end = std::min(end, rows());
-  int64_t row = begin;
-  while (row < end) {
-    const int64_t s = ShardOf(row);
-    const int64_t lo = row - shard_start_[s];
-    const int64_t hi = std::min(end, shard_start_[s + 1]) - shard_start_[s];
-    const uint64_t base = shard_data_[s].activations_offset;
-    files_[s]->PrefetchPages(base + lo * row_bytes_, base + hi * row_bytes_);
-    row += hi - lo;
-  }
+  ForEachActivationRange(begin, end, [](const tensor_io::SafetensorsFile& f, uint64_t from,
+                                        uint64_t to) { f.PrefetchPages(from, to); });
 }
 
 absl::Status StoreReader::CheckFinite(int64_t shard) const {

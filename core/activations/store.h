@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -128,6 +129,11 @@ class StoreReader {
 
   // Shard holding global row `row` (0 <= row < rows()).
   int64_t ShardOf(int64_t row) const;
+  // Calls fn(file, from, to) with the activation bytes of rows [begin, end) in each shard they span
+  // (offsets relative to the file's data section).
+  void ForEachActivationRange(
+      int64_t begin, int64_t end,
+      const std::function<void(const tensor_io::SafetensorsFile&, uint64_t, uint64_t)>& fn) const;
   std::string ShardPath(int64_t shard) const;
 };
 
