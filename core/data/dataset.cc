@@ -76,12 +76,13 @@ absl::StatusOr<int64_t> EffectiveSequenceLength(const DatasetOptions& options) {
   return options.seq_len;
 }
 
-absl::StatusOr<int64_t> CountSequences(const DatasetOptions& options, const TextEncoder& encoder) {
+absl::StatusOr<int64_t> CountSequences(const DatasetOptions& options, const TextEncoder& encoder,
+                                       int64_t limit) {
   if (options.format == DataFormat::kTokens) {
     ASSIGN_OR_RETURN(TokensFileShape shape, ReadTokensFileShape(options));
-    return shape.rows;
+    return std::min(shape.rows, limit);
   }
-  ASSIGN_OR_RETURN(auto reader, OpenSequenceReader(options, encoder));
+  ASSIGN_OR_RETURN(auto reader, OpenSequenceReader(options, encoder, {0, limit}));
   TokenSequence sequence;
   int64_t count = 0;
   while (true) {

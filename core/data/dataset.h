@@ -90,8 +90,9 @@ absl::StatusOr<std::unique_ptr<SequenceReader>> OpenSequenceReader(const Dataset
 // the file's row length, capped by options.seq_len when that is > 0.
 absl::StatusOr<int64_t> EffectiveSequenceLength(const DatasetOptions& options);
 
-// Number of sequences in the dataset (a full tokenising pass for text/chat; the header for tokens).
-// INVALID_ARGUMENT when the dataset is empty.
-absl::StatusOr<int64_t> CountSequences(const DatasetOptions& options, const TextEncoder& encoder);
+// Number of sequences in the dataset, at most `limit` (a tokenising pass for text/chat that stops at
+// the limit; the header for tokens). INVALID_ARGUMENT when the dataset is empty.
+absl::StatusOr<int64_t> CountSequences(const DatasetOptions& options, const TextEncoder& encoder,
+                                       int64_t limit = kUnboundedSequences);
 
 }  // namespace crossdiff::data

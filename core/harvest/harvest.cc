@@ -70,25 +70,6 @@ absl::StatusOr<data::ChatFormat> ChooseChatFormat(const HarvestOptions& o, const
   return data::DetectChatFormat(o.base_dir);
 }
 
-// Number of sequences a single process would harvest: the token budget, capped by the dataset.
-absl::StatusOr<int64_t> CountHarvestSequences(const data::DatasetOptions& dataset,
-                                              const data::TextEncoder& encoder, int64_t budget) {
-  if (dataset.format == data::DataFormat::kTokens) {
-    ASSIGN_OR_RETURN(int64_t rows, data::CountSequences(dataset, encoder));
-    return std::min(rows, budget);
-  }
-  // A tokenising pass that stops at the budget.
-  ASSIGN_OR_RETURN(auto reader, data::OpenSequenceReader(dataset, encoder, {0, budget}));
-  data::TokenSequence sequence;
-  int64_t count = 0;
-  while (true) {
-    ASSIGN_OR_RETURN(bool more, reader->Next(&sequence));
-    if (!more) break;
-    ++count;
-  }
-  return count;
-}
-
 std::string ProvenanceJson(const HarvestOptions& o, const data::DatasetOptions& dataset,
                            const ModelPair& pair, const HarvestResult& r) {
   nlohmann::json extra = {
@@ -188,7 +169,8 @@ absl::StatusOr<HarvestResult> RunHarvestImpl(const HarvestOptions& o,
     range = {o.sequence_begin, std::min(o.sequence_end, budget)};
     range.begin = std::min(range.begin, range.end);
   } else if (o.world_size > 1 || dataset.format == data::DataFormat::kTokens) {
-    ASSIGN_OR_RETURN(int64_t total, CountHarvestSequences(dataset, encoder, budget));
+    // What a single process would harvest: the token budget, capped by the dataset.
+    ASSIGN_OR_RETURN(int64_t total, data::CountSequences(dataset, encoder, budget));
     ASSIGN_OR_RETURN(range, data::RankRange(total, o.rank, o.world_size));
   }
   ASSIGN_OR_RETURN(auto reader, data::OpenSequenceReader(dataset, encoder, range));
