@@ -319,12 +319,7 @@ absl::StatusOr<ActivationBatch> StoreReader::ReadRows(int64_t begin, int64_t end
   }
   return GuardTorch(dir_, [&]() -> absl::StatusOr<ActivationBatch> {
     const int64_t n = end - begin;
-    ActivationBatch out;
-    out.activations =
-        at::empty({n, manifest_.n_models(), manifest_.d_model}, StoreScalarType(manifest_.dtype));
-    out.token_ids = at::empty({n}, at::kInt);
-    out.sequence_ids = at::empty({n}, at::kLong);
-    out.positions = at::empty({n}, at::kInt);
+    ActivationBatch out = UninitializedBatch(n);
     const size_t row_bytes = row_bytes_;
     int64_t row = begin;
     while (row < end) {
@@ -360,12 +355,7 @@ absl::StatusOr<ActivationBatch> StoreReader::GatherRows(const std::vector<int64_
   }
   return GuardTorch(dir_, [&]() -> absl::StatusOr<ActivationBatch> {
     const int64_t n = static_cast<int64_t>(rows.size());
-    ActivationBatch out;
-    out.activations =
-        at::empty({n, manifest_.n_models(), manifest_.d_model}, StoreScalarType(manifest_.dtype));
-    out.token_ids = at::empty({n}, at::kInt);
-    out.sequence_ids = at::empty({n}, at::kLong);
-    out.positions = at::empty({n}, at::kInt);
+    ActivationBatch out = UninitializedBatch(n);
     const size_t row_bytes = row_bytes_;
     uint8_t* act_out = static_cast<uint8_t*>(out.activations.data_ptr());
     int32_t* tok_out = out.token_ids.data_ptr<int32_t>();
@@ -385,6 +375,16 @@ absl::StatusOr<ActivationBatch> StoreReader::GatherRows(const std::vector<int64_
     }
     return out;
   });
+}
+
+ActivationBatch StoreReader::UninitializedBatch(int64_t n) const {
+  ActivationBatch out;
+  out.activations =
+      at::empty({n, manifest_.n_models(), manifest_.d_model}, StoreScalarType(manifest_.dtype));
+  out.token_ids = at::empty({n}, at::kInt);
+  out.sequence_ids = at::empty({n}, at::kLong);
+  out.positions = at::empty({n}, at::kInt);
+  return out;
 }
 
 void StoreReader::ForEachActivationRange(

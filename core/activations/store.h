@@ -129,6 +129,8 @@ class StoreReader {
 
   // Shard holding global row `row` (0 <= row < rows()).
   int64_t ShardOf(int64_t row) const;
+  // A batch of `n` rows in the store's dtype, to be filled by ReadRows / GatherRows.
+  ActivationBatch UninitializedBatch(int64_t n) const;
   // Calls fn(file, from, to) with the activation bytes of rows [begin, end) in each shard they span
   // (offsets relative to the file's data section).
   void ForEachActivationRange(
