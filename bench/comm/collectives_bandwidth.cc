@@ -16,6 +16,7 @@
 
 #include "core/comm/launch.h"
 #include "core/common/cli_args.h"
+#include "core/common/compute_threads.h"
 
 namespace {
 
@@ -36,7 +37,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   if (launched->has_value()) return **launched;
-  at::set_num_threads(1);
+  crossdiff::SetComputeThreads(1);
   auto connected = crossdiff::comm::ConnectFromFlags(launch);
   if (!connected.ok()) {
     std::fprintf(stderr, "error: %s\n", connected.status().ToString().c_str());

@@ -20,6 +20,7 @@
 
 #include "core/activations/store.h"
 #include "core/common/cli_args.h"
+#include "core/common/compute_threads.h"
 #include "core/crosscoder/trainer.h"
 
 namespace {
@@ -109,7 +110,7 @@ int Train(int argc, char** argv) {
   auto& lr = cl.AddDouble("lr", 1e-3, "lr");
   auto& shuffle = cl.AddInt("shuffle-buffer", 8192, "rows in the shuffle window");
   if (int rc = cl.ParseOrExit(argc, argv); rc >= 0) return rc;
-  at::set_num_threads(static_cast<int>(threads));
+  crossdiff::SetComputeThreads(static_cast<int>(threads));
   const int64_t base_anon_kb = StatusKb("RssAnon"), base_rss_kb = StatusKb("VmRSS");
   crosscoder::TrainOptions o;
   o.store_dir = store;
@@ -192,7 +193,7 @@ int Matmul(int argc, char** argv) {
   auto& cols = cl.AddInt("cols", 512, "F");
   auto& threads = cl.AddInt("threads", 1, "threads");
   if (int rc = cl.ParseOrExit(argc, argv); rc >= 0) return rc;
-  at::set_num_threads(static_cast<int>(threads));
+  crossdiff::SetComputeThreads(static_cast<int>(threads));
   at::Tensor a = at::randn({rows, inner}), b = at::randn({cols, inner}),
              c = at::empty({rows, cols});
   for (int i = 0; i < 3; ++i) at::mm_out(c, a, b.t());

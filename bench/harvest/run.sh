@@ -25,7 +25,7 @@ TRUNC="$BUILD/bench/truncation_bench"
 for b in "$CLI" "$TRUNC"; do
   [[ -x "$b" ]] || { echo "missing $b (build the crossdiff and truncation_bench targets)" >&2; exit 1; }
 done
-export OMP_NUM_THREADS="$THREADS"
+export OMP_NUM_THREADS="$THREADS" OPENBLAS_NUM_THREADS="$THREADS"
 rm -rf "$WORK"
 mkdir -p "$WORK"
 

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "core/common/cli_args.h"
+#include "core/common/compute_threads.h"
 #include "core/data/dataset.h"
 #include "core/models/causal_lm.h"
 
@@ -44,7 +45,7 @@ int main(int argc, char** argv) {
   auto& batches = cl.AddInt("batches", 6, "timed batches per variant");
   auto& threads = cl.AddInt("threads", 1, "LibTorch threads");
   if (int rc = cl.ParseOrExit(argc, argv); rc >= 0) return rc;
-  at::set_num_threads(static_cast<int>(threads));
+  crossdiff::SetComputeThreads(static_cast<int>(threads));
 
   auto model = models::CausalLM::Load(model_dir);
   if (!model.ok()) return Fail(std::string(model.status().message()));

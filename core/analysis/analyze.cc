@@ -18,6 +18,7 @@
 #include "core/analysis/latent_statistics.h"
 #include "core/analysis/probe_categories.h"
 #include "core/analysis/store_tokens.h"
+#include "core/common/compute_threads.h"
 #include "core/common/status_macros.h"
 #include "core/common/torch_status.h"
 #include "core/crosscoder/crosscoder.h"
@@ -229,7 +230,7 @@ absl::Status CheckCompatible(const crosscoder::CrosscoderConfig& config,
 absl::StatusOr<Report> RunAnalysis(const AnalyzeOptions& options,
                                    ProgressMeter::Callback progress) {
   RETURN_IF_ERROR(CheckInputs(options));
-  if (options.threads > 0) at::set_num_threads(options.threads);
+  SetComputeThreads(static_cast<int>(options.threads));
 
   ASSIGN_OR_RETURN(crosscoder::CrosscoderConfig config,
                    crosscoder::LoadCrosscoderConfig(options.crosscoder_dir));

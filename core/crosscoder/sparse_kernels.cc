@@ -254,11 +254,14 @@ void CollectCandidates(const float* pre, int64_t F, const float* w, uint32_t low
     for (; i0 + kBlock <= F; i0 += kBlock) {
       // A hit has pre > 0, so its score pre * w (the same product ScoreKey forms) is >= lowf: this
       // float test never misses one, and it vectorises.
-      int32_t any = 0;
-#pragma omp simd reduction(+ : any)
-      for (int64_t j = 0; j < kBlock; ++j) any += (row[i0 + j] * w[i0 + j] >= lowf) ? 1 : 0;
-      if (any == 0) continue;
-      for (int64_t i = i0; i < i0 + kBlock; ++i) {
+      // The block's hits as a bit mask (a compare and a move-mask), then only the set bits.
+      uint32_t hits = 0;
+      for (int64_t j = 0; j < kBlock; ++j) {
+        hits |= static_cast<uint32_t>(row[i0 + j] * w[i0 + j] >= lowf) << j;
+      }
+      while (hits != 0) {
+        const int64_t i = i0 + __builtin_ctz(hits);
+        hits &= hits - 1;
         const uint32_t k = ScoreKey(row[i], w[i]);
         if (k >= lowkey && k != 0)
           out->push_back({static_cast<int32_t>(b), static_cast<int32_t>(i), k, row[i]});
@@ -433,6 +436,18 @@ void SparseBackward(const LatentEntries& entries, const float* x, const float* g
   });
 }
 
+namespace {
+
+// Vectorised (the lanes' partial sums are added at the end: a fixed order for a given n).
+CROSSDIFF_VECTOR_CLONES double SquaredNormRange(const float* __restrict x, int64_t n) {
+  double s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += static_cast<double>(x[j]) * x[j];
+  return s;
+}
+
+}  // namespace
+
 double SquaredNorm(const float* x, int64_t n) {
   constexpr int64_t kBlock = 1 << 16;
   const int64_t blocks = (n + kBlock - 1) / kBlock;
@@ -440,9 +455,7 @@ double SquaredNorm(const float* x, int64_t n) {
   at::parallel_for(0, blocks, 1, [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t a = q * kBlock, z = std::min(n, a + kBlock);
-      double s = 0;
-      for (int64_t j = a; j < z; ++j) s += static_cast<double>(x[j]) * x[j];
-      partial[q] = s;
+      partial[q] = SquaredNormRange(x + a, z - a);
     }
   });
   double s = 0;

@@ -15,6 +15,7 @@
 #include "absl/strings/str_format.h"
 #include "core/common/status_macros.h"
 #include "core/common/torch_status.h"
+#include "core/crosscoder/factor_exchange.h"
 #include "core/crosscoder/sparse_kernels.h"
 #include "core/crosscoder/training_common.h"
 
@@ -48,8 +49,10 @@ class Trainer {
   absl::Status Step(int64_t step, bool want_stats, StepSums* sums);
   absl::Status StepBatchTopK(int64_t step, bool want_stats, StepSums* sums);
   absl::Status StepReluL1(int64_t step, bool want_stats, StepSums* sums);
-  absl::Status ApplyGradients(int64_t step);
-  absl::Status UpdateDeadCounters(const at::Tensor& fired_counts);
+  // Sums the gradients across ranks when all_reduce (and distributed), then clips and steps Adam.
+  absl::Status ApplyGradients(int64_t step, bool all_reduce);
+  // fired_counts: this rank's (summed across ranks when all_reduce) or already the global batch's.
+  absl::Status UpdateDeadCounters(const at::Tensor& fired_counts, bool all_reduce);
   absl::Status SaveCheckpoint(int64_t steps_done);
   absl::Status Evaluate(MetricsRecord* rec, double* l0_out);
   absl::Status WriteOutputs(const TrainResult& result);
@@ -70,6 +73,7 @@ class Trainer {
   std::unique_ptr<BatchStream> stream_;
   kernels::SparseCodes codes_, aux_codes_;
   kernels::LatentEntries entries_;
+  internal::FactorExchange exchange_;  // data-parallel BatchTopK: every rank's factors
   int64_t start_step_ = 0;
   float threshold_ = -1;
   float last_selection_threshold_ =
@@ -126,8 +130,18 @@ absl::Status Trainer::AllocateState() {
     workspace_ = at::empty({Bl_ * F_}, f32);
     grads_ = at::empty({n}, f32);
   }
-  x_ = at::empty({Bl_, Md_}, f32);
-  xhat_ = at::empty({Bl_, Md_}, f32);
+  if (distributed() && o_.arch == Architecture::kBatchTopK) {
+    // The batch, its reconstruction (then dL/dxhat) and the AuxK gradient live in the factor
+    // exchange's send buffer.
+    const int64_t k_max = std::max(o_.k, o_.k_initial);
+    exchange_ = internal::FactorExchange(Bl_, Md_, 2 * Bl_ * k_max + 64, o_.auxk_k);
+    x_ = exchange_.x();
+    xhat_ = exchange_.gmain();
+    gaux_ = exchange_.gaux();
+  } else {
+    x_ = at::empty({Bl_, Md_}, f32);
+    xhat_ = at::empty({Bl_, Md_}, f32);
+  }
   since_fired_ = at::zeros({F_}, at::TensorOptions().dtype(at::kLong));
   ASSIGN_OR_RETURN(stream_, rows_.CreateBatchStream(
                                 internal::StreamOptions(o_, train_rows_, B_, rank_, world_)));
@@ -181,16 +195,16 @@ absl::Status Trainer::SaveCheckpoint(int64_t steps_done) {
   return internal::InstallCheckpoint(o_, model_, adam_m_, adam_v_, since_fired_, state);
 }
 
-absl::Status Trainer::UpdateDeadCounters(const at::Tensor& fired_counts) {
+absl::Status Trainer::UpdateDeadCounters(const at::Tensor& fired_counts, bool all_reduce) {
   at::Tensor counts = fired_counts.to(at::kLong).contiguous();
-  RETURN_IF_ERROR(AllReduce(counts));
+  if (all_reduce) RETURN_IF_ERROR(AllReduce(counts));
   since_fired_.add_(B_);
   since_fired_.masked_fill_(counts > 0, 0);
   return absl::OkStatus();
 }
 
-absl::Status Trainer::ApplyGradients(int64_t step) {
-  if (distributed()) {
+absl::Status Trainer::ApplyGradients(int64_t step, bool all_reduce) {
+  if (all_reduce && distributed()) {
     // Bucketed all-reduce (16 MiB buckets) of the flat gradient.
     constexpr int64_t kBucket = int64_t{4} << 20;
     for (int64_t a = 0; a < grads_.numel(); a += kBucket) {
@@ -258,8 +272,22 @@ absl::Status Trainer::StepBatchTopK(int64_t step, bool want_stats, StepSums* sum
   if (want_stats) internal::AccumulateStats(x_, e2, Bl, M_, d_, sums);
   sums->nnz += static_cast<double>(codes_.nnz());
   // Backward: gradients into the flat buffer [g_enc | g_dec | g_benc | g_bdec].
-  internal::BatchTopKBackward(codes_, use_aux ? &aux_codes_ : nullptr, x_, err, row_scale, gaux,
-                              dec, F, M_, d_, &entries_, grads_);
+  if (distributed()) {
+    // Every rank computes the global batch's gradients from every rank's factors (no all-reduce
+    // of the dense gradients; see factor_exchange.h).
+    // (x_, err and gaux_ are the exchange's send rows.)
+    err.view({Bl, M_, d_}).mul_(row_scale.to(at::kFloat).unsqueeze(2));
+    RETURN_IF_ERROR(
+        exchange_.Exchange(*comm_, codes_, use_aux, use_aux ? &aux_codes_ : nullptr));
+    internal::BatchTopKGradients(exchange_.codes(), use_aux ? &exchange_.aux_codes() : nullptr,
+                                 exchange_.x_rows(), exchange_.gmain_rows(),
+                                 use_aux ? exchange_.gaux_rows() : nullptr, dec, F, M_, d_,
+                                 &entries_, grads_);
+    exchange_.SumGmain(grads_.data_ptr<float>() + 2 * F * Md + F);
+  } else {
+    internal::BatchTopKBackward(codes_, use_aux ? &aux_codes_ : nullptr, x_, err, row_scale, gaux,
+                                dec, F, M_, d_, &entries_, grads_);
+  }
   if (o_.observe_step) {
     StepObservation obs = internal::Observation(step, params_, grads_, x_, since_fired_);
     obs.loss = sums->loss - loss_before;
@@ -269,10 +297,11 @@ absl::Status Trainer::StepBatchTopK(int64_t step, bool want_stats, StepSums* sum
     o_.observe_step(obs);
   }
 
-  // Latents that fired in the main selection this step.
-  at::Tensor fired = internal::FiredCounts(codes_, F);
-  RETURN_IF_ERROR(ApplyGradients(step));
-  RETURN_IF_ERROR(UpdateDeadCounters(fired));
+  // Latents that fired in the main selection this step (over the global batch when the factors
+  // were gathered: no reduction needed).
+  at::Tensor fired = internal::FiredCounts(distributed() ? exchange_.codes() : codes_, F);
+  RETURN_IF_ERROR(ApplyGradients(step, /*all_reduce=*/false));
+  RETURN_IF_ERROR(UpdateDeadCounters(fired, /*all_reduce=*/false));
   threshold_ = internal::NextThreshold(o_, step, threshold_, sel);
   return absl::OkStatus();
 }
@@ -304,8 +333,8 @@ absl::Status Trainer::StepReluL1(int64_t step, bool want_stats, StepSums* sums) 
     obs.nnz = active.sum().item<int64_t>();
     o_.observe_step(obs);
   }
-  RETURN_IF_ERROR(ApplyGradients(step));
-  RETURN_IF_ERROR(UpdateDeadCounters(active.sum(0)));
+  RETURN_IF_ERROR(ApplyGradients(step, /*all_reduce=*/true));
+  RETURN_IF_ERROR(UpdateDeadCounters(active.sum(0), /*all_reduce=*/true));
   return absl::OkStatus();
 }
 

@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "core/common/compute_threads.h"
 #include "core/common/status_macros.h"
 #include "core/common/torch_status.h"
 #include "core/tensor_io/safetensors.h"
@@ -160,15 +161,23 @@ void BatchTopKBackward(const kernels::SparseCodes& codes, const kernels::SparseC
                        const at::Tensor& x, at::Tensor& err, const at::Tensor& row_scale,
                        const float* gaux, const at::Tensor& dec, int64_t n, int64_t M, int64_t d,
                        kernels::LatentEntries* entries, at::Tensor& grads) {
-  const int64_t rows = err.size(0), Md = M * d;
+  const int64_t rows = err.size(0);
   err.view({rows, M, d}).mul_(row_scale.to(at::kFloat).unsqueeze(2));
-  const int64_t fmd = n * Md;
+  BatchTopKGradients(codes, aux_codes, x.data_ptr<float>(), err.data_ptr<float>(), gaux, dec, n,
+                     M, d, entries, grads);
+  at::Tensor g_bdec = grads.narrow(0, 2 * n * M * d + n, M * d);
+  at::sum_out(g_bdec, err, {0});
+}
+
+void BatchTopKGradients(const kernels::SparseCodes& codes, const kernels::SparseCodes* aux_codes,
+                        const float* x, const float* gmain, const float* gaux,
+                        const at::Tensor& dec, int64_t n, int64_t M, int64_t d,
+                        kernels::LatentEntries* entries, at::Tensor& grads) {
+  const int64_t Md = M * d, fmd = n * Md;
   float* g = grads.data_ptr<float>();
   kernels::BuildLatentEntries(codes, aux_codes, n, entries);
-  kernels::SparseBackward(*entries, x.data_ptr<float>(), err.data_ptr<float>(), gaux,
-                          dec.data_ptr<float>(), n, Md, g, g + fmd, g + 2 * fmd);
-  at::Tensor g_bdec = grads.narrow(0, 2 * fmd + n, Md);
-  at::sum_out(g_bdec, err, {0});
+  kernels::SparseBackward(*entries, x, gmain, gaux, dec.data_ptr<float>(), n, Md, g, g + fmd,
+                          g + 2 * fmd);
 }
 
 at::Tensor FiredCounts(const kernels::SparseCodes& codes, int64_t n) {
@@ -271,7 +280,7 @@ absl::Status ValidateRatesSplitAndDefaults(TrainOptions& o, const RowProvider& r
     return absl::InvalidArgumentError(
         absl::StrCat(shape.src, ": no training rows left after the split"));
   }
-  if (o.threads > 0) at::set_num_threads(o.threads);
+  SetComputeThreads(static_cast<int>(o.threads));
   const int64_t F = shape.F;
   if (o.lr == 0) o.lr = std::min(1e-3, 2e-4 / std::sqrt(static_cast<double>(F) / 16384.0));
   if (o.warmup_steps < 0) o.warmup_steps = std::min<int64_t>(1000, o.steps / 20);

@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "core/activations/store.h"
+#include "core/common/compute_threads.h"
 #include "core/common/status_macros.h"
 #include "core/common/torch_status.h"
 #include "core/data/dataset.h"
@@ -178,7 +179,7 @@ absl::StatusOr<HarvestResult> RunHarvestImpl(const HarvestOptions& o,
   const int64_t d_model = pair.base.hidden_size;
   const int64_t vocab = pair.base.vocab_size;
   const at::ScalarType store_type = o.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
-  if (o.threads > 0) at::set_num_threads(o.threads);
+  SetComputeThreads(static_cast<int>(o.threads));
 
   activations::StoreWriter::Options store;
   store.models = {o.base_dir, o.finetune_dir};

@@ -1,0 +1,74 @@
+// Internal: data-parallel BatchTopK training without a gradient all-reduce.
+//
+// A BatchTopK step's gradients are sums over tokens of products of per-token factors: the
+// normalised input x_b, dL/dxhat_b, the AuxK gradient and the token's sparse codes (DESIGN.md 4;
+// kernels::SparseBackward). The dense gradients are 2*F*M*d floats (67 MB at d=512, F=8192); the
+// factors of a batch of B tokens are 2-3*B*M*d floats plus k entries a token (4-6 MB at B=1024).
+// So each rank gathers every rank's factors, in one all-gather, and computes the gradients of the
+// whole global batch itself: a twelfth of the bytes of an all-reduce and one collective instead of
+// one per bucket.
+//
+// Layout of a rank's block (F32 words; the block is a whole number of Md-wide rows):
+//   [x: rows*Md | gmain: rows*Md | tail | gaux: rows*Md | aux tail]     (the last two with AuxK)
+//   tail:     header (4: main entries, aux entries, AuxK flag, 0), main counts (rows), then
+//             main latents and value bits (capacity main_capacity entries), zero-padded;
+//   aux tail: aux counts (rows), aux latents and value bits (rows * k_aux entries), zero-padded.
+// Because every block is whole rows, rank r's token b is row r*block_rows + b of the gathered
+// buffer for x, of (buffer + rows*Md) for gmain and of (buffer + gaux offset) for gaux: the
+// gathered codes use those row numbers as tokens, and the kernels read the gathered buffer as is.
+// Main entries beyond the capacity (a rank holding far more than its share of the batch's top
+// scores) go through a second all-gather, sized from the headers every rank has by then.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "core/comm/communicator.h"
+#include "core/crosscoder/sparse_kernels.h"
+
+namespace crossdiff::crosscoder::internal {
+
+class FactorExchange {
+ public:
+  FactorExchange() = default;
+  // rows: this rank's tokens a step (every rank the same); main_capacity: main entries a rank
+  // sends in the single all-gather (e.g. 2 * rows * k); k_aux: AuxK entries per token at most.
+  FactorExchange(int64_t rows, int64_t Md, int64_t main_capacity, int64_t k_aux);
+
+  // This rank's factor rows, to be filled before Exchange ([rows, Md] views of the send buffer).
+  at::Tensor x() const { return send_.narrow(0, 0, rows_ * Md_).view({rows_, Md_}); }
+  at::Tensor gmain() const { return send_.narrow(0, rows_ * Md_, rows_ * Md_).view({rows_, Md_}); }
+  at::Tensor gaux() const { return send_.narrow(0, GauxOffset(), rows_ * Md_).view({rows_, Md_}); }
+
+  // Gathers every rank's block. aux must be the same on every rank (checked), aux_codes given
+  // when it is set. Issues one all-gather, or two when a rank overflowed its main capacity.
+  absl::Status Exchange(comm::Communicator& comm, const kernels::SparseCodes& codes, bool aux,
+                        const kernels::SparseCodes* aux_codes);
+
+  // After Exchange: the global batch, tokens numbered as rows of the gathered buffer.
+  const float* x_rows() const { return recv_.data_ptr<float>(); }
+  const float* gmain_rows() const { return recv_.data_ptr<float>() + rows_ * Md_; }
+  const float* gaux_rows() const { return recv_.data_ptr<float>() + GauxOffset(); }
+  const kernels::SparseCodes& codes() const { return codes_; }
+  const kernels::SparseCodes& aux_codes() const { return aux_codes_; }
+  // out [Md] = the sum of every rank's gmain rows (the decoder bias gradient).
+  void SumGmain(float* out) const;
+
+ private:
+  int64_t TailWords() const;
+  int64_t AuxTailWords() const;
+  int64_t GauxOffset() const { return 2 * rows_ * Md_ + TailWords(); }
+  int64_t BlockWords(bool aux) const {
+    return GauxOffset() + (aux ? rows_ * Md_ + AuxTailWords() : 0);
+  }
+
+  int64_t rows_ = 0, Md_ = 0, main_capacity_ = 0, k_aux_ = 0;
+  int world_ = 0;
+  bool aux_ = false;
+  at::Tensor send_, recv_;
+  kernels::SparseCodes codes_, aux_codes_;
+};
+
+}  // namespace crossdiff::crosscoder::internal
