@@ -301,7 +301,13 @@ absl::StatusOr<Selection> SelectAndGather(const float* pre, int64_t B, int64_t F
     });
     for (const auto& c : cand) count += static_cast<int64_t>(c.size());
   }
-  std::vector<int64_t> agg = {guess > 0 ? 1 : 0, count};
+  // One all-reduce carries [ranks guessing, candidates, the first radix histogram (top 11 bits)]:
+  // the histogram is wasted when the candidates fall short, which is rare.
+  std::vector<int64_t> agg(2 + 2048, 0);
+  agg[0] = guess > 0 ? 1 : 0;
+  agg[1] = count;
+  for (const auto& c : cand)
+    for (const auto& e : c) ++agg[2 + (e.key >> 21)];
   RETURN_IF_ERROR(allreduce(agg));
   const int64_t world_guessing = agg[0];
   if (guess <= 0 || agg[1] < kth || world_guessing == 0) {
@@ -309,13 +315,11 @@ absl::StatusOr<Selection> SelectAndGather(const float* pre, int64_t B, int64_t F
     GatherSelected(pre, B, F, w, sel, out);
     return sel;
   }
-  // Radix selection over the candidates' keys (>= lowkey): three all-reduced histogram rounds.
+  // Radix selection over the candidates' keys (>= lowkey): three histogram rounds, the first
+  // already reduced above.
   Selection sel;
   sel.positive = -1;  // not counted on this path
-  std::vector<int64_t> hist(2048, 0);
-  for (const auto& c : cand)
-    for (const auto& e : c) ++hist[e.key >> 21];
-  RETURN_IF_ERROR(allreduce(hist));
+  std::vector<int64_t> hist(agg.begin() + 2, agg.end());
   int64_t above = 0;
   const uint32_t top = static_cast<uint32_t>(FindBucket(hist, kth, &above));
   int64_t need = kth - above;
