@@ -5,8 +5,8 @@
 // kernels::SparseBackward). The dense gradients are 2*F*M*d floats (67 MB at d=512, F=8192); the
 // factors of a batch of B tokens are 2-3*B*M*d floats plus k entries a token (4-6 MB at B=1024).
 // So each rank gathers every rank's factors, in one all-gather, and computes the gradients of the
-// whole global batch itself: a twelfth of the bytes of an all-reduce and one collective instead of
-// one per bucket.
+// whole global batch itself: about a fifteenth of the bytes of an all-reduce (4.5 MB against 67 MB
+// per step and rank at B=1024, W=2) and one collective instead of one per bucket.
 //
 // Layout of a rank's block (F32 words; the block is a whole number of Md-wide rows):
 //   [x: rows*Md | gmain: rows*Md | tail | gaux: rows*Md | aux tail]     (the last two with AuxK)

@@ -253,8 +253,8 @@ void CollectCandidates(const float* pre, int64_t F, const float* w, uint32_t low
     int64_t i0 = 0;
     for (; i0 + kBlock <= F; i0 += kBlock) {
       // A hit has pre > 0, so its score pre * w (the same product ScoreKey forms) is >= lowf: this
-      // float test never misses one, and it vectorises.
-      // The block's hits as a bit mask (a compare and a move-mask), then only the set bits.
+      // float test never misses one. The block's passes as a bit mask, then only the set bits
+      // (hits are a few percent: no branch per score).
       uint32_t hits = 0;
       for (int64_t j = 0; j < kBlock; ++j) {
         hits |= static_cast<uint32_t>(row[i0 + j] * w[i0 + j] >= lowf) << j;

@@ -39,6 +39,11 @@ class Trainer {
 
  private:
   bool distributed() const { return comm_ != nullptr && world_ > 1; }
+  // Data-parallel BatchTopK gathers every rank's factors and computes the global batch's gradients
+  // and firing counts itself (factor_exchange.h): nothing of those is all-reduced.
+  bool exchanges_factors() const {
+    return distributed() && o_.arch == Architecture::kBatchTopK;
+  }
   absl::Status AllReduce(at::Tensor& t) {
     return distributed() ? comm_->AllReduce(t) : absl::OkStatus();
   }
@@ -49,10 +54,10 @@ class Trainer {
   absl::Status Step(int64_t step, bool want_stats, StepSums* sums);
   absl::Status StepBatchTopK(int64_t step, bool want_stats, StepSums* sums);
   absl::Status StepReluL1(int64_t step, bool want_stats, StepSums* sums);
-  // Sums the gradients across ranks when all_reduce (and distributed), then clips and steps Adam.
-  absl::Status ApplyGradients(int64_t step, bool all_reduce);
-  // fired_counts: this rank's (summed across ranks when all_reduce) or already the global batch's.
-  absl::Status UpdateDeadCounters(const at::Tensor& fired_counts, bool all_reduce);
+  // Sums the gradients across ranks (unless exchanges_factors()), then clips and steps Adam.
+  absl::Status ApplyGradients(int64_t step);
+  // fired_counts: this rank's (summed across ranks), or with exchanges_factors() the global batch's.
+  absl::Status UpdateDeadCounters(const at::Tensor& fired_counts);
   absl::Status SaveCheckpoint(int64_t steps_done);
   absl::Status Evaluate(MetricsRecord* rec, double* l0_out);
   absl::Status WriteOutputs(const TrainResult& result);
@@ -130,7 +135,7 @@ absl::Status Trainer::AllocateState() {
     workspace_ = at::empty({Bl_ * F_}, f32);
     grads_ = at::empty({n}, f32);
   }
-  if (distributed() && o_.arch == Architecture::kBatchTopK) {
+  if (exchanges_factors()) {
     // The batch, its reconstruction (then dL/dxhat) and the AuxK gradient live in the factor
     // exchange's send buffer.
     const int64_t k_max = std::max(o_.k, o_.k_initial);
@@ -195,16 +200,16 @@ absl::Status Trainer::SaveCheckpoint(int64_t steps_done) {
   return internal::InstallCheckpoint(o_, model_, adam_m_, adam_v_, since_fired_, state);
 }
 
-absl::Status Trainer::UpdateDeadCounters(const at::Tensor& fired_counts, bool all_reduce) {
+absl::Status Trainer::UpdateDeadCounters(const at::Tensor& fired_counts) {
   at::Tensor counts = fired_counts.to(at::kLong).contiguous();
-  if (all_reduce) RETURN_IF_ERROR(AllReduce(counts));
+  if (!exchanges_factors()) RETURN_IF_ERROR(AllReduce(counts));
   since_fired_.add_(B_);
   since_fired_.masked_fill_(counts > 0, 0);
   return absl::OkStatus();
 }
 
-absl::Status Trainer::ApplyGradients(int64_t step, bool all_reduce) {
-  if (all_reduce && distributed()) {
+absl::Status Trainer::ApplyGradients(int64_t step) {
+  if (distributed() && !exchanges_factors()) {
     // Bucketed all-reduce (16 MiB buckets) of the flat gradient.
     constexpr int64_t kBucket = int64_t{4} << 20;
     for (int64_t a = 0; a < grads_.numel(); a += kBucket) {
@@ -272,11 +277,10 @@ absl::Status Trainer::StepBatchTopK(int64_t step, bool want_stats, StepSums* sum
   if (want_stats) internal::AccumulateStats(x_, e2, Bl, M_, d_, sums);
   sums->nnz += static_cast<double>(codes_.nnz());
   // Backward: gradients into the flat buffer [g_enc | g_dec | g_benc | g_bdec].
-  if (distributed()) {
-    // Every rank computes the global batch's gradients from every rank's factors (no all-reduce
-    // of the dense gradients; see factor_exchange.h).
-    // (x_, err and gaux_ are the exchange's send rows.)
-    err.view({Bl, M_, d_}).mul_(row_scale.to(at::kFloat).unsqueeze(2));
+  if (exchanges_factors()) {
+    // Every rank computes the global batch's gradients from every rank's factors (x_, err and
+    // gaux_ are the exchange's send rows).
+    internal::ScaleToOutputGradient(err, row_scale, M_, d_);
     RETURN_IF_ERROR(
         exchange_.Exchange(*comm_, codes_, use_aux, use_aux ? &aux_codes_ : nullptr));
     internal::BatchTopKGradients(exchange_.codes(), use_aux ? &exchange_.aux_codes() : nullptr,
@@ -298,10 +302,10 @@ absl::Status Trainer::StepBatchTopK(int64_t step, bool want_stats, StepSums* sum
   }
 
   // Latents that fired in the main selection this step (over the global batch when the factors
-  // were gathered: no reduction needed).
-  at::Tensor fired = internal::FiredCounts(distributed() ? exchange_.codes() : codes_, F);
-  RETURN_IF_ERROR(ApplyGradients(step, /*all_reduce=*/false));
-  RETURN_IF_ERROR(UpdateDeadCounters(fired, /*all_reduce=*/false));
+  // were gathered).
+  at::Tensor fired = internal::FiredCounts(exchanges_factors() ? exchange_.codes() : codes_, F);
+  RETURN_IF_ERROR(ApplyGradients(step));
+  RETURN_IF_ERROR(UpdateDeadCounters(fired));
   threshold_ = internal::NextThreshold(o_, step, threshold_, sel);
   return absl::OkStatus();
 }
@@ -333,8 +337,8 @@ absl::Status Trainer::StepReluL1(int64_t step, bool want_stats, StepSums* sums) 
     obs.nnz = active.sum().item<int64_t>();
     o_.observe_step(obs);
   }
-  RETURN_IF_ERROR(ApplyGradients(step, /*all_reduce=*/true));
-  RETURN_IF_ERROR(UpdateDeadCounters(active.sum(0), /*all_reduce=*/true));
+  RETURN_IF_ERROR(ApplyGradients(step));
+  RETURN_IF_ERROR(UpdateDeadCounters(active.sum(0)));
   return absl::OkStatus();
 }
 

@@ -161,12 +161,15 @@ void BatchTopKBackward(const kernels::SparseCodes& codes, const kernels::SparseC
                        const at::Tensor& x, at::Tensor& err, const at::Tensor& row_scale,
                        const float* gaux, const at::Tensor& dec, int64_t n, int64_t M, int64_t d,
                        kernels::LatentEntries* entries, at::Tensor& grads) {
-  const int64_t rows = err.size(0);
-  err.view({rows, M, d}).mul_(row_scale.to(at::kFloat).unsqueeze(2));
+  ScaleToOutputGradient(err, row_scale, M, d);
   BatchTopKGradients(codes, aux_codes, x.data_ptr<float>(), err.data_ptr<float>(), gaux, dec, n,
                      M, d, entries, grads);
   at::Tensor g_bdec = grads.narrow(0, 2 * n * M * d + n, M * d);
   at::sum_out(g_bdec, err, {0});
+}
+
+void ScaleToOutputGradient(at::Tensor& err, const at::Tensor& row_scale, int64_t M, int64_t d) {
+  err.view({err.size(0), M, d}).mul_(row_scale.to(at::kFloat).unsqueeze(2));
 }
 
 void BatchTopKGradients(const kernels::SparseCodes& codes, const kernels::SparseCodes* aux_codes,

@@ -73,6 +73,9 @@ void BatchTopKBackward(const kernels::SparseCodes& codes, const kernels::SparseC
                        const at::Tensor& x, at::Tensor& err, const at::Tensor& row_scale,
                        const float* gaux, const at::Tensor& dec, int64_t n, int64_t M, int64_t d,
                        kernels::LatentEntries* entries, at::Tensor& grads);
+// BatchTopKBackward's first step: err (xhat - x, [rows, M*d]) times row_scale ([rows, M], from
+// BatchTopKLoss) becomes dL/dxhat, in place.
+void ScaleToOutputGradient(at::Tensor& err, const at::Tensor& row_scale, int64_t M, int64_t d);
 // BatchTopKBackward's encoder, decoder and encoder-bias gradients (not the decoder bias's) from
 // rows of x and of dL/dxhat gmain (already scaled), token t's at x + t*M*d and gmain + t*M*d.
 void BatchTopKGradients(const kernels::SparseCodes& codes, const kernels::SparseCodes* aux_codes,

@@ -85,14 +85,12 @@ int main(int argc, char** argv) {
   std::string bad;
   // Every rank's tokens, in rank order, at the rows the gathered codes name.
   std::vector<float> bias(kMd, 0.f);
-  int64_t token_row = 0;  // the row of (r, b): found through the CSR's non-empty rows
+  int64_t token_row = 0;  // the gathered row of token (r, b), found by its x values
   const auto& rp = ex.codes().row_ptr;
-  std::vector<int64_t> rows_seen;
   for (int r = 0; r < world; ++r) {
     const SparseCodes want = MainCodes(r, skew), want_aux = AuxCodes(r);
     for (int64_t b = 0; b < kRows; ++b) {
-      // Rank r's rows start where the previous rank's block ended: find the row holding token
-      // (r, b) by its x values.
+      // Rows between ranks' tokens are padding: skip to the row holding token (r, b).
       while (token_row + 1 < static_cast<int64_t>(rp.size()) &&
              ex.x_rows()[token_row * kMd] != Value(r, b, 0, 1)) {
         ++token_row;
@@ -134,7 +132,6 @@ int main(int argc, char** argv) {
           }
         }
       }
-      rows_seen.push_back(token_row);
     }
   }
   int64_t total = 0, want_total = 0;
