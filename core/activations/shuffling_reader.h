@@ -76,6 +76,11 @@ class ShufflingReader {
   // options.as_float is false), with the rows' token_ids, sequence_ids and positions.
   absl::StatusOr<ActivationBatch> Next();
 
+  // As Next, the activations only, converted to float32 into `out` ([rows, n_models, d_model]
+  // for this rank's rows of the batch: batch_size of them with drop_last): nothing allocated per
+  // batch.
+  absl::Status NextActivations(float* out);
+
   // Serialisable position (JSON text); see "Resume" above.
   std::string State() const;
   // FAILED_PRECONDITION when the state was saved with different options or another store size;
@@ -94,6 +99,8 @@ class ShufflingReader {
   void PlanEpoch(int64_t epoch);
   // Makes `window` of the planned epoch current (its shuffled global row ids).
   void LoadWindow(int64_t window);
+  // Stream positions [lo, hi) of this rank's next batch (advancing the epoch when it is done).
+  void NextRange(int64_t* lo, int64_t* hi);
   // Global row id of stream position `p` of the planned epoch.
   int64_t RowAt(int64_t p);
 
@@ -113,6 +120,7 @@ class ShufflingReader {
   std::vector<int64_t> window_start_;  // stream position of each window's first row, then L
   int64_t current_window_ = -1;
   std::vector<int64_t> window_rows_;  // shuffled global row ids of the current window
+  std::vector<int64_t> batch_rows_;   // NextActivations' row ids (reused)
 };
 
 }  // namespace crossdiff::activations

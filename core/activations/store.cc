@@ -377,6 +377,33 @@ absl::StatusOr<ActivationBatch> StoreReader::GatherRows(const std::vector<int64_
   });
 }
 
+absl::Status StoreReader::GatherActivations(const std::vector<int64_t>& rows, float* out) const {
+  for (int64_t r : rows) {
+    if (r < 0 || r >= this->rows()) {
+      return absl::OutOfRangeError(
+          absl::StrCat(dir_, ": row ", r, " out of range [0, ", this->rows(), ")"));
+    }
+  }
+  const int64_t width = manifest_.n_models() * manifest_.d_model;
+  const bool bf16 = StoreDType(manifest_.dtype) == DType::kBF16;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const int64_t s = ShardOf(rows[i]);
+    const uint8_t* src = shard_data_[s].activations + (rows[i] - shard_start_[s]) * row_bytes_;
+    float* dst = out + static_cast<int64_t>(i) * width;
+    if (!bf16) {
+      std::memcpy(dst, src, row_bytes_);
+      continue;
+    }
+    for (int64_t j = 0; j < width; ++j) {  // bfloat16 is the high half of a float32
+      uint16_t h;
+      std::memcpy(&h, src + 2 * j, 2);
+      const uint32_t bits = static_cast<uint32_t>(h) << 16;
+      std::memcpy(dst + j, &bits, 4);
+    }
+  }
+  return absl::OkStatus();
+}
+
 ActivationBatch StoreReader::UninitializedBatch(int64_t n) const {
   ActivationBatch out;
   out.activations =
@@ -404,13 +431,17 @@ void StoreReader::ForEachActivationRange(
 }
 
 void StoreReader::ReleaseRows(int64_t begin, int64_t end) const {
-  ForEachActivationRange(begin, end, [](const tensor_io::SafetensorsFile& f, uint64_t from,
-                                        uint64_t to) { f.ReleasePages(from, to); });
+  ForEachActivationRange(begin, end,
+                         [](const tensor_io::SafetensorsFile& f, uint64_t from, uint64_t to) {
+                           f.ReleasePages(from, to);
+                         });
 }
 
 void StoreReader::PrefetchRows(int64_t begin, int64_t end) const {
-  ForEachActivationRange(begin, end, [](const tensor_io::SafetensorsFile& f, uint64_t from,
-                                        uint64_t to) { f.PrefetchPages(from, to); });
+  ForEachActivationRange(begin, end,
+                         [](const tensor_io::SafetensorsFile& f, uint64_t from, uint64_t to) {
+                           f.PrefetchPages(from, to);
+                         });
 }
 
 absl::Status StoreReader::CheckFinite(int64_t shard) const {

@@ -102,6 +102,10 @@ class StoreReader {
   // The given global rows, in the given order (repeats allowed). OUT_OF_RANGE for a bad index.
   absl::StatusOr<ActivationBatch> GatherRows(const std::vector<int64_t>& rows,
                                              bool as_float = true) const;
+  // The activations of the given global rows, in order, converted to float32 into `out`
+  // ([rows.size(), n_models, d_model], row-major): no other allocation. OUT_OF_RANGE for a bad
+  // index.
+  absl::Status GatherActivations(const std::vector<int64_t>& rows, float* out) const;
   // Drops the mapped pages of rows [begin, end) (a hint; see SafetensorsFile::ReleasePages).
   void ReleaseRows(int64_t begin, int64_t end) const;
   // Starts reading rows [begin, end) into the page cache in the background (a hint; see

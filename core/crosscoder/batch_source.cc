@@ -17,6 +17,17 @@
 namespace crossdiff::crosscoder {
 namespace {
 
+bool AllFinite(const float* x, int64_t n) {
+  // Branch-free: NaN and Inf are the float32 patterns with every exponent bit set.
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, 4);
+    bad |= static_cast<uint32_t>((bits & 0x7F800000u) == 0x7F800000u);
+  }
+  return bad == 0;
+}
+
 class TensorRowProvider : public RowProvider {
  public:
   TensorRowProvider(at::Tensor rows, std::string name)
@@ -63,15 +74,16 @@ class StoreBatches : public BatchStream {
       state["batch"] = step % bpe;
       RETURN_IF_ERROR(reader_->Restore(state.dump()));
     }
-    ASSIGN_OR_RETURN(activations::ActivationBatch batch, reader_->Next());
-    at::Tensor a = batch.activations.to(at::kFloat).contiguous();
-    if (!at::isfinite(a).all().item<bool>()) {
+    // Straight into `out` as float32, then checked (no per-batch allocation).
+    RETURN_IF_ERROR(reader_->NextActivations(out));
+    const int64_t n =
+        reader_->options().batch_size * provider_->num_models() * provider_->d_model();
+    if (!AllFinite(out, n)) {
       // Name the store's first bad row (shard and row) rather than a position in the shuffle.
       RETURN_IF_ERROR(provider_->FindNonFinite());
       return absl::InvalidArgumentError(
           absl::StrCat("non-finite activations in training batch ", step));
     }
-    std::memcpy(out, a.data_ptr<float>(), sizeof(float) * a.numel());
     next_step_ = step + 1;
     return absl::OkStatus();
   }

@@ -242,7 +242,8 @@ absl::Status ShardedTrainer::StepBatchTopK(int64_t step, bool want_stats, StepSu
   at::Tensor w = dec_.view({Fl, M_, d_}).norm(2, {2}).sum(1).contiguous();
   at::Tensor scores = pre.clamp_min(0) * w.unsqueeze(0);
   ASSIGN_OR_RETURN(kernels::Selection sel, SelectGlobalKth(scores, internal::KAt(o_, step) * B));
-  kernels::GatherSelected(pre.data_ptr<float>(), B, Fl, w.data_ptr<float>(), sel, &codes_);
+  const auto pre_rows = kernels::PreActivations::Whole(pre.data_ptr<float>(), B, Fl);
+  kernels::GatherSelected(pre_rows, w.data_ptr<float>(), sel, &codes_);
 
   // AuxK on latents dead for dead_tokens_threshold tokens, decided the same way on every rank.
   std::vector<int32_t> dead = internal::DeadLatentList(o_, since_fired_, Fl);
@@ -251,7 +252,7 @@ absl::Status ShardedTrainer::StepBatchTopK(int64_t step, bool want_stats, StepSu
   RETURN_IF_ERROR(AllReduce(any_dead));
   const bool use_aux = any_dead.item<int64_t>() > 0;
   if (use_aux) {
-    kernels::GatherAuxTopK(pre.data_ptr<float>(), B, Fl, dead, o_.auxk_k, &aux_local_);
+    kernels::GatherAuxTopK(pre_rows, dead, o_.auxk_k, &aux_local_);
     RETURN_IF_ERROR(FilterAuxGlobally(aux_local_, B, &aux_codes_));
   }
 
@@ -259,7 +260,7 @@ absl::Status ShardedTrainer::StepBatchTopK(int64_t step, bool want_stats, StepSu
   kernels::SparseDecode(codes_, dec_.data_ptr<float>(), Md, nullptr, partial_.data_ptr<float>());
   RETURN_IF_ERROR(AllReduce(partial_));
   at::Tensor err = partial_.add(bdec_.unsqueeze(0)).sub_(x_);  // xhat - x, then dL/dxhat
-  at::Tensor e2 = err.view({B, M_, d_}).pow(2).sum(2);         // [B, M]
+  at::Tensor e2 = internal::PerModelSquaredError(err, M_, d_);  // [B, M]
   at::Tensor row_scale = internal::BatchTopKLoss(o_, e2, B, M_, &sums->loss);
   float* gaux = nullptr;
   if (use_aux) {
@@ -271,7 +272,7 @@ absl::Status ShardedTrainer::StepBatchTopK(int64_t step, bool want_stats, StepSu
     kernels::SparseDecode(aux_codes_, dec_.data_ptr<float>(), Md, nullptr, gaux_.data_ptr<float>());
     RETURN_IF_ERROR(AllReduce(gaux_));
     gaux_.add_(err);  // ahat - e
-    sums->aux_loss += gaux_.pow(2).sum().item<double>() / denom;
+    sums->aux_loss += kernels::SquaredNorm(gaux_.data_ptr<float>(), gaux_.numel()) / denom;
     gaux_.mul_(2.0 * o_.auxk_alpha / denom);
     gaux = gaux_.data_ptr<float>();
   }
@@ -299,7 +300,7 @@ absl::Status ShardedTrainer::StepReluL1(int64_t step, bool want_stats, StepSums*
   at::Tensor err = partial_.add(bdec_.unsqueeze(0)).sub_(x_);
   const double lambda = internal::L1Coefficient(o_, step);
   const double inv_b = 1.0 / static_cast<double>(B);
-  at::Tensor e2 = err.view({B, M_, d_}).pow(2).sum(2);
+  at::Tensor e2 = internal::PerModelSquaredError(err, M_, d_);
   at::Tensor l1 = at::mv(f, w).sum().to(at::kDouble).reshape({1});
   RETURN_IF_ERROR(AllReduce(l1));
   sums->loss += e2.sum().item<double>() * inv_b + lambda * l1.item<double>() * inv_b;

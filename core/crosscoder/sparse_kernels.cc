@@ -5,7 +5,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
 
+#include "absl/strings/str_cat.h"
 #include "core/common/status_macros.h"
 
 // Hot loops get an AVX2 clone next to the baseline one on x86-64 (picked at load time by CPU
@@ -161,13 +163,78 @@ void AdamRange(float* __restrict p, const float* __restrict g, float* __restrict
 
 }  // namespace
 
-absl::StatusOr<Selection> SelectKthScore(const float* pre, int64_t B, int64_t F, const float* w,
-                                         int64_t kth, const AllReduceI64& allreduce) {
+namespace {
+
+// AuxK's per-token top-k among the dead latents, gathered chunk by chunk into fixed slots and
+// packed into CSR at the end.
+class AuxTopK {
+ public:
+  AuxTopK(const std::vector<int32_t>& dead, int64_t k_aux, int64_t B)
+      : dead_(dead),
+        k_(std::min<int64_t>(k_aux, static_cast<int64_t>(dead.size()))),
+        count_(B, 0),
+        latent_(static_cast<size_t>(B * std::max<int64_t>(k_, 1))),
+        value_(latent_.size()) {}
+
+  void Rows(const float* rows, int64_t F, int64_t b0, int64_t b1) {
+    at::parallel_for(b0, b1, 16, [&](int64_t c0, int64_t c1) {
+      std::vector<std::pair<float, int32_t>> cand;
+      for (int64_t b = c0; b < c1; ++b) {
+        const float* row = rows + (b - b0) * F;
+        cand.clear();
+        for (int32_t i : dead_)
+          if (row[i] > 0.f) cand.emplace_back(row[i], i);
+        const int64_t n = std::min<int64_t>(k_, static_cast<int64_t>(cand.size()));
+        auto greater = [](const auto& x, const auto& y) {
+          return x.first > y.first || (x.first == y.first && x.second < y.second);
+        };
+        if (n < static_cast<int64_t>(cand.size()))
+          std::nth_element(cand.begin(), cand.begin() + n, cand.end(), greater);
+        std::sort(cand.begin(), cand.begin() + n,
+                  [](const auto& x, const auto& y) { return x.second < y.second; });
+        for (int64_t j = 0; j < n; ++j) {
+          latent_[b * k_ + j] = cand[j].second;
+          value_[b * k_ + j] = cand[j].first;
+        }
+        count_[b] = n;
+      }
+    });
+  }
+
+  void Finish(SparseCodes* out) const {
+    const int64_t B = static_cast<int64_t>(count_.size());
+    out->row_ptr.assign(B + 1, 0);
+    for (int64_t b = 0; b < B; ++b) out->row_ptr[b + 1] = out->row_ptr[b] + count_[b];
+    out->latent.resize(out->row_ptr[B]);
+    out->value.resize(out->row_ptr[B]);
+    for (int64_t b = 0; b < B; ++b) {
+      std::copy_n(latent_.begin() + b * k_, count_[b], out->latent.begin() + out->row_ptr[b]);
+      std::copy_n(value_.begin() + b * k_, count_[b], out->value.begin() + out->row_ptr[b]);
+    }
+  }
+
+ private:
+  const std::vector<int32_t>& dead_;
+  int64_t k_;
+  std::vector<int64_t> count_;
+  std::vector<int32_t> latent_;
+  std::vector<float> value_;
+};
+
+// SelectKthScore, with `also(rows, b0, b1)` called on each chunk during the first visit.
+template <class Also>
+absl::StatusOr<Selection> SelectKth(const PreActivations& pre, const float* w, int64_t kth,
+                                    const AllReduceI64& allreduce, Also&& also) {
+  const int64_t F = pre.cols();
   Selection sel;
   // Round 1: top 11 bits of the key.
   Histograms h1(2048);
-  at::parallel_for(
-      0, B, 16, [&](int64_t b0, int64_t b1) { HistogramTop(pre, F, w, b0, b1, h1.of_thread()); });
+  pre.ForEachChunk([&](const float* rows, int64_t b0, int64_t b1) {
+    at::parallel_for(0, b1 - b0, 16, [&](int64_t r0, int64_t r1) {
+      HistogramTop(rows, F, w, r0, r1, h1.of_thread());
+    });
+    also(rows, b0, b1);
+  });
   std::vector<int64_t> hist = h1.Sum();
   RETURN_IF_ERROR(allreduce(hist));
   int64_t positive = 0;
@@ -185,8 +252,10 @@ absl::StatusOr<Selection> SelectKthScore(const float* pre, int64_t B, int64_t F,
   const int threads = at::get_num_threads();
   Histograms h2(2048);
   std::vector<std::vector<uint32_t>> keys(threads);
-  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-    CollectBucket(pre, F, w, b0, b1, top, h2.of_thread(), &keys[at::get_thread_num()]);
+  pre.ForEachChunk([&](const float* rows, int64_t b0, int64_t b1) {
+    at::parallel_for(0, b1 - b0, 16, [&](int64_t r0, int64_t r1) {
+      CollectBucket(rows, F, w, r0, r1, top, h2.of_thread(), &keys[at::get_thread_num()]);
+    });
   });
   hist = h2.Sum();
   RETURN_IF_ERROR(allreduce(hist));
@@ -204,45 +273,71 @@ absl::StatusOr<Selection> SelectKthScore(const float* pre, int64_t B, int64_t F,
   return sel;
 }
 
-void GatherSelected(const float* pre, int64_t B, int64_t F, const float* w, const Selection& sel,
+}  // namespace
+
+absl::StatusOr<Selection> SelectKthScore(const PreActivations& pre, const float* w, int64_t kth,
+                                         const AllReduceI64& allreduce) {
+  return SelectKth(pre, w, kth, allreduce, [](const float*, int64_t, int64_t) {});
+}
+
+void GatherSelected(const PreActivations& pre, const float* w, const Selection& sel,
                     SparseCodes* out) {
   uint32_t tkey = 1;  // keep_all_positive: every key > 0
   if (!sel.keep_all_positive) std::memcpy(&tkey, &sel.threshold, sizeof tkey);
+  const int64_t B = pre.rows(), F = pre.cols();
   out->row_ptr.assign(B + 1, 0);
-  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-    CountKept(pre, F, w, tkey, b0, b1, out->row_ptr.data() + 1);
-  });
-  for (int64_t b = 0; b < B; ++b) out->row_ptr[b + 1] += out->row_ptr[b];
-  out->latent.resize(out->row_ptr[B]);
-  out->value.resize(out->row_ptr[B]);
-  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const float* row = pre + b * F;
-      int64_t e = out->row_ptr[b];
-      for (int64_t i = 0; i < F; ++i) {
-        uint32_t k = ScoreKey(row[i], w[i]);
-        if (k != 0 && k >= tkey) {
-          out->latent[e] = static_cast<int32_t>(i);
-          out->value[e] = row[i];
-          ++e;
+  out->latent.clear();
+  out->value.clear();
+  pre.ForEachChunk([&](const float* rows, int64_t b0, int64_t b1) {
+    int64_t* counts = out->row_ptr.data() + b0 + 1;  // counts of rows b0.. then running ends
+    at::parallel_for(0, b1 - b0, 16,
+                     [&](int64_t r0, int64_t r1) { CountKept(rows, F, w, tkey, r0, r1, counts); });
+    for (int64_t b = b0; b < b1; ++b) out->row_ptr[b + 1] += out->row_ptr[b];
+    out->latent.resize(out->row_ptr[b1]);
+    out->value.resize(out->row_ptr[b1]);
+    at::parallel_for(0, b1 - b0, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* row = rows + r * F;
+        int64_t e = out->row_ptr[b0 + r];
+        for (int64_t i = 0; i < F; ++i) {
+          uint32_t k = ScoreKey(row[i], w[i]);
+          if (k != 0 && k >= tkey) {
+            out->latent[e] = static_cast<int32_t>(i);
+            out->value[e] = row[i];
+            ++e;
+          }
         }
       }
-    }
+    });
   });
 }
 
 namespace {
 
+// A candidate of SelectAndGather, 8 bytes: its row within the task's 32 rows (top 5 bits) and its
+// latent (low 27 bits), and its pre-activation (the score key is recomputed from it and w).
 struct Candidate {
-  int32_t row;
-  int32_t latent;
-  uint32_t key;
+  uint32_t packed;
   float value;
 };
+constexpr int64_t kRowsPerTask = 32;
+constexpr uint32_t kLatentBits = 27, kLatentMask = (1u << kLatentBits) - 1;
+inline int32_t CandidateLatent(const Candidate& c) {
+  return static_cast<int32_t>(c.packed & kLatentMask);
+}
+inline int64_t CandidateRow(int64_t task, const Candidate& c) {
+  return task * kRowsPerTask + (c.packed >> kLatentBits);
+}
+inline uint32_t CandidateKey(const Candidate& c, const float* w) {
+  return ScoreKey(c.value, w[CandidateLatent(c)]);
+}
 
 CROSSDIFF_VECTOR_CLONES
 void CollectCandidates(const float* pre, int64_t F, const float* w, uint32_t lowkey, int64_t b0,
-                       int64_t b1, std::vector<Candidate>* out) {
+                       int64_t b1, int64_t row_base, std::vector<Candidate>* out) {
+  // Rows [b0, b1) of `pre`, rows row_base + b0 .. of the batch and of the same task: a candidate
+  // records its row less the task's first.
+  const int64_t task_offset = (row_base + b0) % kRowsPerTask - b0;
   // Hits are a few percent of a row: a vectorised compare over blocks of 32 scores, and the scalar
   // work only for blocks holding a hit.
   constexpr int64_t kBlock = 32;
@@ -264,40 +359,59 @@ void CollectCandidates(const float* pre, int64_t F, const float* w, uint32_t low
         hits &= hits - 1;
         const uint32_t k = ScoreKey(row[i], w[i]);
         if (k >= lowkey && k != 0)
-          out->push_back({static_cast<int32_t>(b), static_cast<int32_t>(i), k, row[i]});
+          out->push_back(
+              {static_cast<uint32_t>(b + task_offset) << kLatentBits | static_cast<uint32_t>(i),
+               row[i]});
       }
     }
     for (int64_t i = i0; i < F; ++i) {
       const uint32_t k = ScoreKey(row[i], w[i]);
       if (k >= lowkey && k != 0)
-        out->push_back({static_cast<int32_t>(b), static_cast<int32_t>(i), k, row[i]});
+        out->push_back(
+            {static_cast<uint32_t>(b + task_offset) << kLatentBits | static_cast<uint32_t>(i),
+             row[i]});
     }
   }
 }
 
 }  // namespace
 
-absl::StatusOr<Selection> SelectAndGather(const float* pre, int64_t B, int64_t F, const float* w,
-                                          int64_t kth, float guess, const AllReduceI64& allreduce,
-                                          SparseCodes* out) {
+absl::StatusOr<Selection> SelectAndGather(const PreActivations& pre, const float* w, int64_t kth,
+                                          float guess, const AllReduceI64& allreduce,
+                                          SparseCodes* out, const AuxRequest* aux) {
   // Every rank must take the same branch: the decision uses all-reduced counts only. A rank with
   // no guess contributes a count of -1 * (large) so that all fall back together.
+  const int64_t B = pre.rows(), F = pre.cols();
   uint32_t lowkey = 0;
   if (guess > 0) std::memcpy(&lowkey, &guess, sizeof lowkey);
-  constexpr int64_t kRowsPerTask = 32;
+  if (F > int64_t{kLatentMask} + 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("dict size ", F, " exceeds the selection's limit of 2^", kLatentBits));
+  }
   const int64_t tasks = (B + kRowsPerTask - 1) / kRowsPerTask;
   // Reused across calls (the trainer calls from one thread): no allocation in the steady state.
   static thread_local std::vector<std::vector<Candidate>> cand;
   if (static_cast<int64_t>(cand.size()) < tasks) cand.resize(tasks);
   for (auto& c : cand) c.clear();
+  std::optional<AuxTopK> aux_top;
+  if (aux != nullptr) aux_top.emplace(*aux->dead, aux->k, B);
+  auto aux_rows = [&](const float* rows, int64_t b0, int64_t b1) {
+    if (aux_top) aux_top->Rows(rows, F, b0, b1);
+  };
   int64_t count = 0;
   if (guess > 0) {
-    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        cand[t].clear();
-        CollectCandidates(pre, F, w, lowkey, t * kRowsPerTask, std::min(B, (t + 1) * kRowsPerTask),
-                          &cand[t]);
-      }
+    // Task t holds rows [t * 32, (t + 1) * 32); a task cut by a chunk boundary is collected in two
+    // visits, in row order.
+    pre.ForEachChunk([&](const float* rows, int64_t b0, int64_t b1) {
+      const int64_t t_begin = b0 / kRowsPerTask, t_end = (b1 + kRowsPerTask - 1) / kRowsPerTask;
+      at::parallel_for(t_begin, t_end, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t r0 = std::max(b0, t * kRowsPerTask);
+          const int64_t r1 = std::min(b1, (t + 1) * kRowsPerTask);
+          CollectCandidates(rows, F, w, lowkey, r0 - b0, r1 - b0, b0, &cand[t]);
+        }
+      });
+      aux_rows(rows, b0, b1);
     });
     for (const auto& c : cand) count += static_cast<int64_t>(c.size());
   }
@@ -307,14 +421,21 @@ absl::StatusOr<Selection> SelectAndGather(const float* pre, int64_t B, int64_t F
   agg[0] = guess > 0 ? 1 : 0;
   agg[1] = count;
   for (const auto& c : cand)
-    for (const auto& e : c) ++agg[2 + (e.key >> 21)];
+    for (const auto& e : c) ++agg[2 + (CandidateKey(e, w) >> 21)];
   RETURN_IF_ERROR(allreduce(agg));
   const int64_t world_guessing = agg[0];
   if (guess <= 0 || agg[1] < kth || world_guessing == 0) {
-    ASSIGN_OR_RETURN(Selection sel, SelectKthScore(pre, B, F, w, kth, allreduce));
-    GatherSelected(pre, B, F, w, sel, out);
+    Selection sel;
+    if (guess > 0) {
+      ASSIGN_OR_RETURN(sel, SelectKthScore(pre, w, kth, allreduce));
+    } else {
+      ASSIGN_OR_RETURN(sel, SelectKth(pre, w, kth, allreduce, aux_rows));
+    }
+    GatherSelected(pre, w, sel, out);
+    if (aux_top) aux_top->Finish(aux->out);
     return sel;
   }
+  if (aux_top) aux_top->Finish(aux->out);
   // Radix selection over the candidates' keys (>= lowkey): three histogram rounds, the first
   // already reduced above.
   Selection sel;
@@ -324,34 +445,40 @@ absl::StatusOr<Selection> SelectAndGather(const float* pre, int64_t B, int64_t F
   const uint32_t top = static_cast<uint32_t>(FindBucket(hist, kth, &above));
   int64_t need = kth - above;
   hist.assign(2048, 0);
-  for (const auto& c : cand)
-    for (const auto& e : c)
-      if ((e.key >> 21) == top) ++hist[(e.key >> 10) & 0x7FF];
+  for (const auto& c : cand) {
+    for (const auto& e : c) {
+      const uint32_t key = CandidateKey(e, w);
+      if ((key >> 21) == top) ++hist[(key >> 10) & 0x7FF];
+    }
+  }
   RETURN_IF_ERROR(allreduce(hist));
   const uint32_t mid = static_cast<uint32_t>(FindBucket(hist, need, &above));
   need -= above;
   hist.assign(2048, 0);
   const uint32_t prefix = (top << 11) | mid;
-  for (const auto& c : cand)
-    for (const auto& e : c)
-      if ((e.key >> 10) == prefix) ++hist[e.key & 0x3FF];
+  for (const auto& c : cand) {
+    for (const auto& e : c) {
+      const uint32_t key = CandidateKey(e, w);
+      if ((key >> 10) == prefix) ++hist[key & 0x3FF];
+    }
+  }
   RETURN_IF_ERROR(allreduce(hist));
   const uint32_t low = static_cast<uint32_t>(FindBucket(hist, need, &above));
   const uint32_t tkey = (top << 21) | (mid << 10) | low;
   std::memcpy(&sel.threshold, &tkey, sizeof tkey);
   // CSR by token straight from the candidates (they are in row-major order).
   out->row_ptr.assign(B + 1, 0);
-  for (const auto& c : cand)
-    for (const auto& e : c)
-      if (e.key >= tkey) ++out->row_ptr[e.row + 1];
+  for (int64_t t = 0; t < tasks; ++t)
+    for (const auto& e : cand[t])
+      if (CandidateKey(e, w) >= tkey) ++out->row_ptr[CandidateRow(t, e) + 1];
   for (int64_t b = 0; b < B; ++b) out->row_ptr[b + 1] += out->row_ptr[b];
   out->latent.resize(out->row_ptr[B]);
   out->value.resize(out->row_ptr[B]);
   int64_t e_out = 0;
-  for (const auto& c : cand) {
-    for (const auto& e : c) {
-      if (e.key >= tkey) {
-        out->latent[e_out] = e.latent;
+  for (int64_t t = 0; t < tasks; ++t) {
+    for (const auto& e : cand[t]) {
+      if (CandidateKey(e, w) >= tkey) {
+        out->latent[e_out] = CandidateLatent(e);
         out->value[e_out] = e.value;
         ++e_out;
       }
@@ -360,42 +487,12 @@ absl::StatusOr<Selection> SelectAndGather(const float* pre, int64_t B, int64_t F
   return sel;
 }
 
-void GatherAuxTopK(const float* pre, int64_t B, int64_t F, const std::vector<int32_t>& dead,
-                   int64_t k_aux, SparseCodes* out) {
-  const int64_t k = std::min<int64_t>(k_aux, static_cast<int64_t>(dead.size()));
-  out->row_ptr.assign(B + 1, 0);
-  std::vector<int32_t> slot_latent(static_cast<size_t>(B * std::max<int64_t>(k, 1)));
-  std::vector<float> slot_value(slot_latent.size());
-  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-    std::vector<std::pair<float, int32_t>> cand;
-    for (int64_t b = b0; b < b1; ++b) {
-      const float* row = pre + b * F;
-      cand.clear();
-      for (int32_t i : dead)
-        if (row[i] > 0.f) cand.emplace_back(row[i], i);
-      int64_t n = std::min<int64_t>(k, static_cast<int64_t>(cand.size()));
-      auto greater = [](const auto& a, const auto& c) {
-        return a.first > c.first || (a.first == c.first && a.second < c.second);
-      };
-      if (n < static_cast<int64_t>(cand.size()))
-        std::nth_element(cand.begin(), cand.begin() + n, cand.end(), greater);
-      std::sort(cand.begin(), cand.begin() + n,
-                [](const auto& a, const auto& c) { return a.second < c.second; });
-      for (int64_t j = 0; j < n; ++j) {
-        slot_latent[b * k + j] = cand[j].second;
-        slot_value[b * k + j] = cand[j].first;
-      }
-      out->row_ptr[b + 1] = n;
-    }
-  });
-  for (int64_t b = 0; b < B; ++b) out->row_ptr[b + 1] += out->row_ptr[b];
-  out->latent.resize(out->row_ptr[B]);
-  out->value.resize(out->row_ptr[B]);
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t n = out->row_ptr[b + 1] - out->row_ptr[b];
-    std::copy_n(slot_latent.begin() + b * k, n, out->latent.begin() + out->row_ptr[b]);
-    std::copy_n(slot_value.begin() + b * k, n, out->value.begin() + out->row_ptr[b]);
-  }
+void GatherAuxTopK(const PreActivations& pre, const std::vector<int32_t>& dead, int64_t k_aux,
+                   SparseCodes* out) {
+  AuxTopK top(dead, k_aux, pre.rows());
+  pre.ForEachChunk(
+      [&](const float* rows, int64_t b0, int64_t b1) { top.Rows(rows, pre.cols(), b0, b1); });
+  top.Finish(out);
 }
 
 void SparseDecode(const SparseCodes& codes, const float* dec, int64_t Md, const float* bias,
@@ -451,6 +548,23 @@ CROSSDIFF_VECTOR_CLONES double SquaredNormRange(const float* __restrict x, int64
 }
 
 }  // namespace
+
+namespace {
+
+CROSSDIFF_VECTOR_CLONES float SegmentSquaredNorm(const float* __restrict x, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += x[j] * x[j];
+  return s;
+}
+
+}  // namespace
+
+void SegmentSquaredNorms(const float* x, int64_t segments, int64_t len, float* out) {
+  at::parallel_for(0, segments, 64, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) out[s] = SegmentSquaredNorm(x + s * len, len);
+  });
+}
 
 double SquaredNorm(const float* x, int64_t n) {
   constexpr int64_t kBlock = 1 << 16;

@@ -6,6 +6,7 @@
 // only inside the reusable structures passed to them.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <vector>
@@ -24,22 +25,87 @@ struct Selection {
   int64_t positive = 0;            // positive scores over all ranks
 };
 
+// The [B, F] pre-activations of a batch, held whole or computed chunk by chunk into a buffer of
+// chunk_rows rows, so that the memory they take does not grow with the batch. The kernels below
+// visit the chunks in row order; a chunked batch computes a chunk again at each visit unless it is
+// its only chunk (then it is computed once, at the first visit).
+class PreActivations {
+ public:
+  // Writes the pre-activations of rows [b0, b1) to `rows` ([b1 - b0, F], row-major).
+  using Fill = std::function<void(int64_t b0, int64_t b1, float* rows)>;
+  static PreActivations Whole(const float* pre, int64_t B, int64_t F) {
+    PreActivations p;
+    p.data_ = const_cast<float*>(pre);
+    p.B_ = B;
+    p.F_ = F;
+    p.chunk_ = std::max<int64_t>(B, 1);
+    return p;
+  }
+  static PreActivations Chunked(int64_t B, int64_t F, int64_t chunk_rows, float* buffer,
+                                Fill fill) {
+    PreActivations p;
+    p.data_ = buffer;
+    p.B_ = B;
+    p.F_ = F;
+    p.chunk_ = std::max<int64_t>(1, std::min(chunk_rows, B));
+    p.fill_ = std::move(fill);
+    return p;
+  }
+  int64_t rows() const { return B_; }
+  int64_t cols() const { return F_; }
+  int64_t chunk_rows() const { return chunk_; }
+  int64_t chunks() const { return (B_ + chunk_ - 1) / chunk_; }
+  int64_t fills() const { return fills_; }  // chunks computed so far
+  // fn(const float* chunk_rows_data, int64_t b0, int64_t b1) for each chunk, in row order.
+  template <class Fn>
+  void ForEachChunk(Fn&& fn) const {
+    for (int64_t b0 = 0; b0 < B_; b0 += chunk_) {
+      const int64_t b1 = std::min(B_, b0 + chunk_);
+      if (!fill_) {
+        fn(static_cast<const float*>(data_ + b0 * F_), b0, b1);
+        continue;
+      }
+      if (held_ != b0) {
+        fill_(b0, b1, data_);
+        held_ = b0;
+        ++fills_;
+      }
+      fn(static_cast<const float*>(data_), b0, b1);
+    }
+  }
+
+ private:
+  PreActivations() = default;
+  float* data_ = nullptr;
+  int64_t B_ = 0, F_ = 0, chunk_ = 1;
+  Fill fill_;
+  mutable int64_t held_ = -1, fills_ = 0;
+};
+
 // Finds, exactly, the kth largest score s[b,i] = max(pre[b,i], 0) * w[i] over the batches of all
 // ranks (radix selection on the float bit patterns with all-reduced histograms: three rounds of
-// 2048 buckets, so the communication is ~48 KiB whatever the batch).
-absl::StatusOr<Selection> SelectKthScore(const float* pre, int64_t B, int64_t F, const float* w,
-                                         int64_t kth, const AllReduceI64& allreduce);
+// 2048 buckets, so the communication is ~48 KiB whatever the batch). Two visits of the chunks.
+absl::StatusOr<Selection> SelectKthScore(const PreActivations& pre, const float* w, int64_t kth,
+                                         const AllReduceI64& allreduce);
 
 struct SparseCodes;
 
-// SelectKthScore + GatherSelected in (usually) one pass over `pre`: entries whose score reaches
-// `guess` (e.g. half the previous step's threshold) are collected once, and when there are at least
-// kth of them over all ranks the exact kth largest score is found among those candidates alone.
-// Otherwise (no guess, or it was too high) falls back to the full selection. Same result as the
-// two-step path. The all-reduces are issued identically on every rank.
-absl::StatusOr<Selection> SelectAndGather(const float* pre, int64_t B, int64_t F, const float* w,
-                                          int64_t kth, float guess, const AllReduceI64& allreduce,
-                                          SparseCodes* out);
+// AuxK's request: per token the k largest positive pre-activations among the `dead` latents.
+struct AuxRequest {
+  const std::vector<int32_t>* dead = nullptr;
+  int64_t k = 0;
+  SparseCodes* out = nullptr;
+};
+
+// SelectKthScore + GatherSelected in (usually) one visit of the chunks: entries whose score reaches
+// `guess` (e.g. a fraction of the previous step's threshold) are collected once, and when there are
+// at least kth of them over all ranks the exact kth largest score is found among those candidates
+// alone. Otherwise (no guess, or it was too high) falls back to the full selection (three more
+// visits when the batch has several chunks). Same result as the two-step path. The all-reduces are
+// issued identically on every rank. `aux` (optional) is gathered during the first visit.
+absl::StatusOr<Selection> SelectAndGather(const PreActivations& pre, const float* w, int64_t kth,
+                                          float guess, const AllReduceI64& allreduce,
+                                          SparseCodes* out, const AuxRequest* aux = nullptr);
 
 // Sparse codes, CSR by token: entries of token b are [row_ptr[b], row_ptr[b+1]).
 struct SparseCodes {
@@ -50,12 +116,12 @@ struct SparseCodes {
 };
 
 // Keeps relu(pre[b,i]) where s[b,i] >= selection.threshold (or s > 0 with keep_all_positive).
-void GatherSelected(const float* pre, int64_t B, int64_t F, const float* w, const Selection& sel,
+void GatherSelected(const PreActivations& pre, const float* w, const Selection& sel,
                     SparseCodes* out);
 
 // AuxK: per token the k_aux largest positive pre-activations among the `dead` latents.
-void GatherAuxTopK(const float* pre, int64_t B, int64_t F, const std::vector<int32_t>& dead,
-                   int64_t k_aux, SparseCodes* out);
+void GatherAuxTopK(const PreActivations& pre, const std::vector<int32_t>& dead, int64_t k_aux,
+                   SparseCodes* out);
 
 // out[b] = bias + sum_e value[e] * dec[latent[e]] (bias may be null: zero).
 void SparseDecode(const SparseCodes& codes, const float* dec, int64_t Md, const float* bias,
@@ -83,6 +149,9 @@ void SparseBackward(const LatentEntries& entries, const float* x, const float* g
 
 // sum x^2 in double.
 double SquaredNorm(const float* x, int64_t n);
+
+// out[s] = sum_j x[s * len + j]^2 for each of `segments` consecutive segments (no temporaries).
+void SegmentSquaredNorms(const float* x, int64_t segments, int64_t len, float* out);
 
 // torch.optim.Adam's update (no weight decay) with the gradient multiplied by grad_scale; `step`
 // counts from 1.

@@ -41,9 +41,7 @@ class Trainer {
   bool distributed() const { return comm_ != nullptr && world_ > 1; }
   // Data-parallel BatchTopK gathers every rank's factors and computes the global batch's gradients
   // and firing counts itself (factor_exchange.h): nothing of those is all-reduced.
-  bool exchanges_factors() const {
-    return distributed() && o_.arch == Architecture::kBatchTopK;
-  }
+  bool exchanges_factors() const { return distributed() && o_.arch == Architecture::kBatchTopK; }
   absl::Status AllReduce(at::Tensor& t) {
     return distributed() ? comm_->AllReduce(t) : absl::OkStatus();
   }
@@ -56,7 +54,8 @@ class Trainer {
   absl::Status StepReluL1(int64_t step, bool want_stats, StepSums* sums);
   // Sums the gradients across ranks (unless exchanges_factors()), then clips and steps Adam.
   absl::Status ApplyGradients(int64_t step);
-  // fired_counts: this rank's (summed across ranks), or with exchanges_factors() the global batch's.
+  // fired_counts: this rank's (summed across ranks), or with exchanges_factors() the global
+  // batch's.
   absl::Status UpdateDeadCounters(const at::Tensor& fired_counts);
   absl::Status SaveCheckpoint(int64_t steps_done);
   absl::Status Evaluate(MetricsRecord* rec, double* l0_out);
@@ -70,6 +69,7 @@ class Trainer {
   int rank_ = 0, world_ = 1;
 
   int64_t M_ = 0, d_ = 0, Md_ = 0, F_ = 0, B_ = 0, Bl_ = 0;
+  int64_t chunk_rows_ = 0;  // BatchTopK: rows of pre-activations computed at a time
   int64_t train_rows_ = 0, val_rows_ = 0;
   Crosscoder model_;
   at::Tensor params_, grads_, adam_m_, adam_v_, workspace_;
@@ -103,8 +103,7 @@ absl::Status Trainer::Validate() {
   Bl_ = B_ / world_;
   RETURN_IF_ERROR(
       internal::ValidateRatesSplitAndDefaults(o_, rows_, shape, &train_rows_, &val_rows_));
-  ASSIGN_OR_RETURN(model_,
-                   Crosscoder::Create(internal::TrainingConfig(o_, rows_, shape, nullptr)));
+  ASSIGN_OR_RETURN(model_, Crosscoder::Create(internal::TrainingConfig(o_, rows_, shape, nullptr)));
   return absl::OkStatus();
 }
 
@@ -127,9 +126,12 @@ absl::Status Trainer::AllocateState() {
   adam_m_ = at::zeros({n}, f32);
   adam_v_ = at::zeros({n}, f32);
   if (o_.arch == Architecture::kBatchTopK) {
-    // The [B, F] pre-activations are dead once the selection is made, before the backward pass
-    // writes gradients: one workspace serves both.
-    workspace_ = at::empty({std::max(n, Bl_ * F_)}, f32);
+    // The pre-activations are dead once the selection is made, before the backward pass writes
+    // gradients: one workspace serves both. They are computed in chunks of rows that fit in the
+    // gradient buffer (at least 32 rows), so the workspace grows with the batch only while the
+    // whole batch fits.
+    chunk_rows_ = internal::PreActivationChunkRows(n, F_, Bl_);
+    workspace_ = at::empty({std::max(n, chunk_rows_ * F_)}, f32);
     grads_ = workspace_.narrow(0, 0, n);
   } else {
     workspace_ = at::empty({Bl_ * F_}, f32);
@@ -194,8 +196,7 @@ absl::Status Trainer::SaveCheckpoint(int64_t steps_done) {
   }
   if (rank_ != 0) return absl::OkStatus();
   model_.set_threshold(threshold_);
-  json state =
-      internal::CheckpointState(o_, steps_done, train_rows_, threshold_, world_, history_);
+  json state = internal::CheckpointState(o_, steps_done, train_rows_, threshold_, world_, history_);
   state["weights_checksum"] = absl::StrFormat("%016x", hash);
   return internal::InstallCheckpoint(o_, model_, adam_m_, adam_v_, since_fired_, state);
 }
@@ -229,34 +230,39 @@ absl::Status Trainer::StepBatchTopK(int64_t step, bool want_stats, StepSums* sum
   const int64_t F = F_, Md = Md_, Bl = Bl_;
   const double loss_before = sums->loss, aux_before = sums->aux_loss;
   at::Tensor enc = model_.encoder_matrix(), dec = model_.decoder_matrix();
-  at::Tensor pre = workspace_.narrow(0, 0, Bl * F).view({Bl, F});
-  at::addmm_out(pre, model_.b_enc(), x_, enc.t());
   at::Tensor w = model_.LatentWeights().contiguous();
+  // The pre-activations, computed chunk_rows_ rows at a time into the workspace (one chunk, the
+  // whole batch, unless the batch's [Bl, F] outgrows the gradient buffer).
+  const auto pre = kernels::PreActivations::Chunked(
+      Bl, F, chunk_rows_, workspace_.data_ptr<float>(), [&](int64_t b0, int64_t b1, float* rows) {
+        at::Tensor out = at::from_blob(rows, {b1 - b0, F}, x_.options());
+        at::addmm_out(out, model_.b_enc(), x_.narrow(0, b0, b1 - b0), enc.t());
+      });
   kernels::AllReduceI64 reduce = [this](std::vector<int64_t>& h) -> absl::Status {
     if (!distributed()) return absl::OkStatus();
     at::Tensor t = at::from_blob(h.data(), {static_cast<int64_t>(h.size())},
                                  at::TensorOptions().dtype(at::kLong));
     return comm_->AllReduce(t);
   };
-  // 0.7 x the previous step's threshold bounds this step's candidates (one pass over `pre`); when
-  // the threshold drops further in one step the exact full selection runs instead.
-  ASSIGN_OR_RETURN(kernels::Selection sel,
-                   kernels::SelectAndGather(pre.data_ptr<float>(), Bl, F, w.data_ptr<float>(),
-                                            internal::KAt(o_, step) * B_,
-                                            0.7f * last_selection_threshold_, reduce, &codes_));
-  last_selection_threshold_ = sel.keep_all_positive ? 0.f : sel.threshold;
-
-  // AuxK on latents dead for dead_tokens_threshold tokens (before this step).
+  // AuxK on latents dead for dead_tokens_threshold tokens (before this step), gathered while the
+  // selection visits the pre-activations.
   std::vector<int32_t> dead = internal::DeadLatentList(o_, since_fired_, F);
   const bool use_aux = !dead.empty();
-  if (use_aux) kernels::GatherAuxTopK(pre.data_ptr<float>(), Bl, F, dead, o_.auxk_k, &aux_codes_);
+  kernels::AuxRequest aux_request{&dead, o_.auxk_k, &aux_codes_};
+  // 0.7 x the previous step's threshold bounds this step's candidates (one visit of `pre`); when
+  // the threshold drops further in one step the exact full selection runs instead.
+  ASSIGN_OR_RETURN(kernels::Selection sel,
+                   kernels::SelectAndGather(pre, w.data_ptr<float>(), internal::KAt(o_, step) * B_,
+                                            0.7f * last_selection_threshold_, reduce, &codes_,
+                                            use_aux ? &aux_request : nullptr));
+  last_selection_threshold_ = sel.keep_all_positive ? 0.f : sel.threshold;
   // `pre` is dead from here on (the workspace becomes the gradient).
 
   kernels::SparseDecode(codes_, dec.data_ptr<float>(), Md, model_.b_dec().data_ptr<float>(),
                         xhat_.data_ptr<float>());
   at::Tensor err = xhat_;  // becomes xhat - x, then dL/dxhat
   err.sub_(x_);
-  at::Tensor e2 = err.view({Bl, M_, d_}).pow(2).sum(2);  // [Bl, M]
+  at::Tensor e2 = internal::PerModelSquaredError(err, M_, d_);  // [Bl, M]
   at::Tensor row_scale = internal::BatchTopKLoss(o_, e2, B_, M_, &sums->loss);
 
   float* gaux = nullptr;
@@ -270,7 +276,7 @@ absl::Status Trainer::StepBatchTopK(int64_t step, bool want_stats, StepSums* sum
     if (!gaux_.defined()) gaux_ = at::empty({Bl, Md}, x_.options());
     kernels::SparseDecode(aux_codes_, dec.data_ptr<float>(), Md, nullptr, gaux_.data_ptr<float>());
     gaux_.add_(err);  // ahat - e
-    sums->aux_loss += gaux_.pow(2).sum().item<double>() / denom;
+    sums->aux_loss += kernels::SquaredNorm(gaux_.data_ptr<float>(), gaux_.numel()) / denom;
     gaux_.mul_(2.0 * o_.auxk_alpha / denom);
     gaux = gaux_.data_ptr<float>();
   }
@@ -281,8 +287,7 @@ absl::Status Trainer::StepBatchTopK(int64_t step, bool want_stats, StepSums* sum
     // Every rank computes the global batch's gradients from every rank's factors (x_, err and
     // gaux_ are the exchange's send rows).
     internal::ScaleToOutputGradient(err, row_scale, M_, d_);
-    RETURN_IF_ERROR(
-        exchange_.Exchange(*comm_, codes_, use_aux, use_aux ? &aux_codes_ : nullptr));
+    RETURN_IF_ERROR(exchange_.Exchange(*comm_, codes_, use_aux, use_aux ? &aux_codes_ : nullptr));
     internal::BatchTopKGradients(exchange_.codes(), use_aux ? &exchange_.aux_codes() : nullptr,
                                  exchange_.x_rows(), exchange_.gmain_rows(),
                                  use_aux ? exchange_.gaux_rows() : nullptr, dec, F, M_, d_,
@@ -324,7 +329,7 @@ absl::Status Trainer::StepReluL1(int64_t step, bool want_stats, StepSums* sums) 
   err.sub_(x_);
   const double lambda = internal::L1Coefficient(o_, step);
   const double inv_b = 1.0 / static_cast<double>(B_);
-  at::Tensor e2 = err.view({Bl, M_, d_}).pow(2).sum(2);
+  at::Tensor e2 = internal::PerModelSquaredError(err, M_, d_);
   sums->loss +=
       e2.sum().item<double>() * inv_b + lambda * at::mv(f, w).sum().item<double>() * inv_b;
   if (want_stats) internal::AccumulateStats(x_, e2, Bl, M_, d_, sums);
@@ -418,8 +423,8 @@ absl::Status Trainer::Evaluate(MetricsRecord* rec, double* l0_out) {
 
 absl::Status Trainer::WriteOutputs(const TrainResult& r) {
   model_.set_threshold(threshold_);
-  return internal::SaveModelAndMetrics(
-      o_, model_, internal::MetricsJson(o_, model_, r, val_rows_, F_, world_));
+  return internal::SaveModelAndMetrics(o_, model_,
+                                       internal::MetricsJson(o_, model_, r, val_rows_, F_, world_));
 }
 
 absl::StatusOr<TrainResult> Trainer::Run() {
@@ -427,7 +432,7 @@ absl::StatusOr<TrainResult> Trainer::Run() {
   // A fixed mmap threshold keeps glibc from raising it after the first large free, which would let
   // every transient buffer (a batch, a validation chunk) stay resident in the heap for the rest of
   // the run. Large blocks are then mapped and unmapped, and resident memory tracks live buffers.
-  mallopt(M_MMAP_THRESHOLD, 1 << 20);
+  mallopt(M_MMAP_THRESHOLD, 256 << 10);
 #endif
   RETURN_IF_ERROR(Validate());
   RETURN_IF_ERROR(internal::CreateOutputDir(o_, rank_));
@@ -437,6 +442,11 @@ absl::StatusOr<TrainResult> Trainer::Run() {
     model_.InitializeWeights(o_.seed, o_.decoder_init_norm);
     RETURN_IF_ERROR(EstimateNormalization());
   }
+#if defined(__GLIBC__)
+  // The set-up's transients (the normalisation pass, the checkpoint read) leave free holes in the
+  // heap below live blocks: hand their pages back before the steps start.
+  malloc_trim(0);
+#endif
 
   ProgressMeter meter("train", "steps", o_.steps, nullptr, 1.0);
   if (progress_) meter.set_callback(progress_);
@@ -444,8 +454,7 @@ absl::StatusOr<TrainResult> Trainer::Run() {
   window.Reset(M_, Md_);
   internal::StepLoopHooks hooks;
   hooks.step = [&](int64_t step, bool metrics_point) { return Step(step, metrics_point, &window); };
-  hooks.window_record = [&](int64_t step,
-                            int64_t window_steps) -> absl::StatusOr<MetricsRecord> {
+  hooks.window_record = [&](int64_t step, int64_t window_steps) -> absl::StatusOr<MetricsRecord> {
     // Reduce the window's sums across ranks: [loss, aux, nnz, err2[M], x2[M], xsum[M*d]].
     std::vector<double> v = {window.loss, window.aux_loss, window.nnz};
     v.insert(v.end(), window.err2.begin(), window.err2.end());
@@ -476,9 +485,8 @@ absl::StatusOr<TrainResult> Trainer::Run() {
     return absl::StrFormat("loss %.4g  %.0f tok/s%s", last_loss_, tps,
                            threshold_ >= 0 ? absl::StrFormat("  thr %.3g", threshold_) : "");
   };
-  ASSIGN_OR_RETURN(
-      TrainResult result,
-      internal::RunStepLoop(o_, start_step_, B_, &meter, hooks, &last_loss_, &history_));
+  ASSIGN_OR_RETURN(TrainResult result, internal::RunStepLoop(o_, start_step_, B_, &meter, hooks,
+                                                             &last_loss_, &history_));
   const int64_t stop = result.steps;
   result.threshold = threshold_;
   result.dead_latents = DeadLatents();

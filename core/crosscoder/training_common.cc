@@ -105,8 +105,8 @@ void AccumulateStats(const at::Tensor& x, const at::Tensor& e2, int64_t rows, in
   sums->xsum.assign(xs.data_ptr<double>(), xs.data_ptr<double>() + M * d);  // squared later
 }
 
-std::vector<double> FvuFromSums(const double* err2, const double* x2, const double* xsum,
-                                int64_t M, int64_t d, int64_t batch) {
+std::vector<double> FvuFromSums(const double* err2, const double* x2, const double* xsum, int64_t M,
+                                int64_t d, int64_t batch) {
   std::vector<double> fvu(M);
   for (int64_t m = 0; m < M; ++m) {
     double s2 = 0;
@@ -162,8 +162,8 @@ void BatchTopKBackward(const kernels::SparseCodes& codes, const kernels::SparseC
                        const float* gaux, const at::Tensor& dec, int64_t n, int64_t M, int64_t d,
                        kernels::LatentEntries* entries, at::Tensor& grads) {
   ScaleToOutputGradient(err, row_scale, M, d);
-  BatchTopKGradients(codes, aux_codes, x.data_ptr<float>(), err.data_ptr<float>(), gaux, dec, n,
-                     M, d, entries, grads);
+  BatchTopKGradients(codes, aux_codes, x.data_ptr<float>(), err.data_ptr<float>(), gaux, dec, n, M,
+                     d, entries, grads);
   at::Tensor g_bdec = grads.narrow(0, 2 * n * M * d + n, M * d);
   at::sum_out(g_bdec, err, {0});
 }
@@ -206,9 +206,8 @@ at::Tensor ReluL1Backward(const at::Tensor& x, const at::Tensor& f, at::Tensor& 
   at::Tensor fsum = f.sum(0);
   at::mm_out(g_dec, f.t(), err);
   // d/d dec of lambda/B * sum_b sum_i f_bi sum_m ||dec_m[i]||.
-  g_dec.view({n, M, d})
-      .add_(dec.view({n, M, d}) / nrm.clamp_min(1e-12).unsqueeze(2) *
-            (lambda * inv_b * fsum).view({n, 1, 1}));
+  g_dec.view({n, M, d}).add_(dec.view({n, M, d}) / nrm.clamp_min(1e-12).unsqueeze(2) *
+                             (lambda * inv_b * fsum).view({n, 1, 1}));
   at::Tensor gpre = at::mm(err, dec.t()).add_(w.unsqueeze(0), lambda * inv_b).mul_(active);
   at::mm_out(g_enc, gpre.t(), x);
   at::sum_out(g_benc, gpre, {0});
@@ -354,6 +353,18 @@ double L1Coefficient(const TrainOptions& o, int64_t step) {
   return o.l1_coeff * std::min(1.0, static_cast<double>(step + 1) / warm);
 }
 
+at::Tensor PerModelSquaredError(const at::Tensor& err, int64_t M, int64_t d) {
+  at::Tensor e = err.contiguous();
+  at::Tensor out = at::empty({e.size(0), M}, e.options());
+  kernels::SegmentSquaredNorms(e.data_ptr<float>(), e.size(0) * M, d, out.data_ptr<float>());
+  return out;
+}
+
+int64_t PreActivationChunkRows(int64_t buffer_floats, int64_t dict_size, int64_t rows) {
+  if (rows * dict_size <= buffer_floats) return rows;
+  return std::max<int64_t>(32, buffer_floats / dict_size / 32 * 32);
+}
+
 int64_t KAt(const TrainOptions& o, int64_t step) {
   if (o.k_initial <= 0 || o.k_anneal_steps <= 0 || step >= o.k_anneal_steps) return o.k;
   const double t = static_cast<double>(step) / static_cast<double>(o.k_anneal_steps);
@@ -382,8 +393,8 @@ absl::Status ClipAndAdamStep(const TrainOptions& o, int64_t step,
     scale = std::min(1.0, o.grad_clip / (norm + 1e-6));
   }
   kernels::AdamUpdate(params.data_ptr<float>(), grads.data_ptr<float>(), adam_m.data_ptr<float>(),
-                      adam_v.data_ptr<float>(), params.numel(), LearningRate(o, step),
-                      o.adam_beta1, o.adam_beta2, o.adam_eps, scale, step + 1);
+                      adam_v.data_ptr<float>(), params.numel(), LearningRate(o, step), o.adam_beta1,
+                      o.adam_beta2, o.adam_eps, scale, step + 1);
   return absl::OkStatus();
 }
 
@@ -401,9 +412,8 @@ absl::StatusOr<TrainResult> RunStepLoop(const TrainOptions& o, int64_t start_ste
   for (int64_t step = start_step; step < stop; ++step) {
     const bool metrics_point = (step + 1) % o.metrics_every == 0 || step + 1 == o.steps;
     const auto t0 = std::chrono::steady_clock::now();
-    RETURN_IF_ERROR(GuardTorch(absl::StrCat("training step ", step), [&]() -> absl::Status {
-      return hooks.step(step, metrics_point);
-    }));
+    RETURN_IF_ERROR(GuardTorch(absl::StrCat("training step ", step),
+                               [&]() -> absl::Status { return hooks.step(step, metrics_point); }));
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     ++window_steps;
     if (step - start_step >= timing_warmup) {
@@ -507,8 +517,7 @@ absl::Status CreateOutputDir(const TrainOptions& o, int rank) {
   std::error_code ec;
   fs::create_directories(o.out_dir, ec);
   if (ec) {
-    return absl::PermissionDeniedError(
-        absl::StrCat(o.out_dir, ": cannot create: ", ec.message()));
+    return absl::PermissionDeniedError(absl::StrCat(o.out_dir, ": cannot create: ", ec.message()));
   }
   return absl::OkStatus();
 }
@@ -552,23 +561,23 @@ absl::StatusOr<OptimiserState> LoadOptimiserState(const TrainOptions& o, int64_t
   return s;
 }
 
-json CheckpointState(const TrainOptions& o, int64_t steps_done, int64_t train_rows,
-                     float threshold, int world, const std::vector<MetricsRecord>& history) {
+json CheckpointState(const TrainOptions& o, int64_t steps_done, int64_t train_rows, float threshold,
+                     int world, const std::vector<MetricsRecord>& history) {
   json hist = json::array();
   for (const auto& r : history) hist.push_back(RecordJson(r));
-  return {{"format", "crossdiff.trainer_state"},
-          {"version", 1},
-          {"step", steps_done},
-          {"batch_size", o.batch_size},
-          {"seed", o.seed},
-          // The data order and every other random choice derive from (seed, stream position):
-          // this pair is the RNG state and the data cursor.
-          {"rng", {{"kind", "splitmix64-counter"}, {"seed", o.seed}}},
-          {"data_cursor",
-           {{"stream_position", steps_done * o.batch_size}, {"train_rows", train_rows}}},
-          {"threshold", threshold},
-          {"world_size", world},
-          {"history", hist}};
+  return {
+      {"format", "crossdiff.trainer_state"},
+      {"version", 1},
+      {"step", steps_done},
+      {"batch_size", o.batch_size},
+      {"seed", o.seed},
+      // The data order and every other random choice derive from (seed, stream position):
+      // this pair is the RNG state and the data cursor.
+      {"rng", {{"kind", "splitmix64-counter"}, {"seed", o.seed}}},
+      {"data_cursor", {{"stream_position", steps_done * o.batch_size}, {"train_rows", train_rows}}},
+      {"threshold", threshold},
+      {"world_size", world},
+      {"history", hist}};
 }
 
 absl::Status InstallCheckpoint(const TrainOptions& o, const Crosscoder& model,

@@ -52,8 +52,8 @@ struct StepSums {
 void AccumulateStats(const at::Tensor& x, const at::Tensor& e2, int64_t rows, int64_t M, int64_t d,
                      StepSums* sums);
 // Per-model FVU of a batch of `batch` rows from its sums err2 [M], x2 [M] and xsum [M*d].
-std::vector<double> FvuFromSums(const double* err2, const double* x2, const double* xsum,
-                                int64_t M, int64_t d, int64_t batch);
+std::vector<double> FvuFromSums(const double* err2, const double* x2, const double* xsum, int64_t M,
+                                int64_t d, int64_t batch);
 // Fills rec->val_fvu, rec->val_loss and *l0_out from the sums of an evaluation over n rows.
 void FinishEvaluation(const std::vector<double>& err2, const std::vector<double>& x2,
                       const at::Tensor& xsum, double loss, double nnz, int64_t n,
@@ -112,6 +112,15 @@ CrosscoderConfig TrainingConfig(const TrainOptions& o, const RowProvider& rows,
 double LearningRate(const TrainOptions& o, int64_t step);
 double L1Coefficient(const TrainOptions& o, int64_t step);
 int64_t KAt(const TrainOptions& o, int64_t step);
+
+// [rows, M]: the squared norm of each row's per-model error (err [rows, M*d], contiguous), without
+// a [rows, M*d] temporary.
+at::Tensor PerModelSquaredError(const at::Tensor& err, int64_t M, int64_t d);
+
+// Rows of [rows, dict_size] pre-activations computed at a time so that a chunk fits in a buffer of
+// `buffer_floats` (the gradient buffer): a multiple of 32 rows, at least 32, all `rows` when they
+// fit.
+int64_t PreActivationChunkRows(int64_t buffer_floats, int64_t dict_size, int64_t rows);
 // The BatchTopK inference threshold after a step's selection (an EMA from threshold_start_step).
 float NextThreshold(const TrainOptions& o, int64_t step, float threshold,
                     const kernels::Selection& sel);

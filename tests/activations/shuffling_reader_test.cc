@@ -93,6 +93,20 @@ TEST_F(ShufflingReaderTest, EveryRowOncePerEpochWithItsData) {
   EXPECT_EQ(r->cursor().batch, 100);
 }
 
+TEST_F(ShufflingReaderTest, NextActivationsMatchesNext) {
+  auto a = Make(Defaults());
+  auto b = Make(Defaults());
+  ASSERT_TRUE(a && b);
+  at::Tensor buffer = at::empty({10, 2, 4});
+  for (int i = 0; i < 205; ++i) {  // past two epochs of 100 batches
+    auto batch = a->Next();
+    ASSERT_TRUE(batch.ok()) << batch.status();
+    ASSERT_TRUE(b->NextActivations(buffer.data_ptr<float>()).ok());
+    ASSERT_TRUE(at::equal(buffer, batch->activations)) << "batch " << i;
+  }
+  EXPECT_EQ(a->State(), b->State());
+}
+
 TEST_F(ShufflingReaderTest, ShufflesAcrossShardsWithinTheBuffer) {
   auto r = Make(Defaults());
   std::vector<int64_t> first = Rows(*r, 1);

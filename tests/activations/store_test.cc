@@ -211,6 +211,12 @@ TEST(StoreTest, WritesShardByShardAndReadsBack) {
     EXPECT_STATUS((*reader)->ReadRows(5, 11), absl::StatusCode::kOutOfRange,
                   "rows [5, 11) out of range [0, 10)");
     EXPECT_STATUS((*reader)->GatherRows({10}), absl::StatusCode::kOutOfRange, "row 10");
+    // The same rows straight into a float32 buffer (bfloat16 widened exactly).
+    at::Tensor into = at::full({4, expected.size(1), expected.size(2)}, -1.f);
+    ASSERT_TRUE((*reader)->GatherActivations({9, 0, 5, 5}, into.data_ptr<float>()).ok());
+    EXPECT_TRUE(at::equal(into, expected.index_select(0, idx).to(at::kFloat)));
+    EXPECT_STATUS((*reader)->GatherActivations({3, -1}, into.data_ptr<float>()),
+                  absl::StatusCode::kOutOfRange, "row -1");
     EXPECT_STATUS((*reader)->ReadShard(3), absl::StatusCode::kOutOfRange, "shard 3");
     EXPECT_TRUE((*reader)->CheckFinite(0).ok());
   }

@@ -1,0 +1,165 @@
+// The BatchTopK selection kernels over chunked pre-activations: every chunking, guess and AuxK
+// request gives the codes of a brute-force batch-level top-k, and the chunks are computed as often
+// as documented (once when the guess holds, again on the exact fallback).
+#include "core/crosscoder/sparse_kernels.h"
+
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <numeric>
+#include <tuple>
+#include <vector>
+
+namespace crossdiff::crosscoder::kernels {
+namespace {
+
+constexpr int64_t kB = 100, kF = 70;
+
+struct Batch {
+  std::vector<float> pre, w;
+};
+
+Batch MakeBatch(uint64_t seed) {
+  at::Generator gen = at::detail::createCPUGenerator(seed);
+  at::Tensor pre = at::randn({kB, kF}, gen);
+  at::Tensor w = at::rand({kF}, gen) + 0.5;
+  Batch b;
+  b.pre.assign(pre.data_ptr<float>(), pre.data_ptr<float>() + kB * kF);
+  b.w.assign(w.data_ptr<float>(), w.data_ptr<float>() + kF);
+  return b;
+}
+
+// (row, latent) of the kth largest scores relu(pre) * w, and the AuxK top-k_aux per row.
+std::vector<std::pair<int64_t, int32_t>> Reference(const Batch& b, int64_t kth) {
+  std::vector<std::tuple<float, int64_t, int32_t>> all;
+  for (int64_t r = 0; r < kB; ++r)
+    for (int32_t i = 0; i < kF; ++i) {
+      const float p = b.pre[r * kF + i];
+      if (p > 0) all.emplace_back(p * b.w[i], r, i);
+    }
+  std::sort(all.begin(), all.end(), [](const auto& x, const auto& y) { return x > y; });
+  std::vector<std::pair<int64_t, int32_t>> out;
+  for (int64_t j = 0; j < std::min<int64_t>(kth, all.size()); ++j)
+    out.emplace_back(std::get<1>(all[j]), std::get<2>(all[j]));
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+std::vector<std::pair<int64_t, int32_t>> Entries(const SparseCodes& c) {
+  std::vector<std::pair<int64_t, int32_t>> out;
+  for (int64_t r = 0; r + 1 < static_cast<int64_t>(c.row_ptr.size()); ++r)
+    for (int64_t e = c.row_ptr[r]; e < c.row_ptr[r + 1]; ++e) out.emplace_back(r, c.latent[e]);
+  return out;
+}
+
+PreActivations Chunked(const Batch& b, int64_t chunk, std::vector<float>* buffer) {
+  buffer->assign(chunk * kF, 0.f);
+  return PreActivations::Chunked(kB, kF, chunk, buffer->data(),
+                                 [&b](int64_t b0, int64_t b1, float* rows) {
+                                   std::copy(b.pre.begin() + b0 * kF, b.pre.begin() + b1 * kF,
+                                             rows);
+                                 });
+}
+
+const AllReduceI64 kSingleProcess = [](std::vector<int64_t>&) { return absl::OkStatus(); };
+
+TEST(SelectAndGatherTest, EveryChunkingAndGuessGivesTheBatchTopK) {
+  const Batch b = MakeBatch(7);
+  const int64_t kth = 4 * kB;
+  const auto want = Reference(b, kth);
+  ASSERT_EQ(static_cast<int64_t>(want.size()), kth);
+  // The exact threshold, to make a guess that holds (below it) and one that does not (above it).
+  SparseCodes codes;
+  auto whole = PreActivations::Whole(b.pre.data(), kB, kF);
+  auto exact = SelectAndGather(whole, b.w.data(), kth, 0.f, kSingleProcess, &codes);
+  ASSERT_TRUE(exact.ok()) << exact.status();
+  EXPECT_EQ(Entries(codes), want);
+  const float threshold = exact->threshold;
+
+  for (int64_t chunk : {kB, int64_t{32}, int64_t{40}, int64_t{7}}) {
+    for (float guess : {0.f, 0.7f * threshold, 1.5f * threshold}) {
+      SCOPED_TRACE(testing::Message() << "chunk " << chunk << " guess " << guess);
+      std::vector<float> buffer;
+      auto pre = Chunked(b, chunk, &buffer);
+      SparseCodes got;
+      auto sel = SelectAndGather(pre, b.w.data(), kth, guess, kSingleProcess, &got);
+      ASSERT_TRUE(sel.ok()) << sel.status();
+      EXPECT_EQ(sel->threshold, threshold);
+      EXPECT_EQ(Entries(got), want);
+      for (int64_t r = 0; r < kB; ++r)
+        for (int64_t e = got.row_ptr[r]; e < got.row_ptr[r + 1]; ++e)
+          EXPECT_EQ(got.value[e], b.pre[r * kF + got.latent[e]]);
+      // Visits: one when the guess holds; a failed or absent guess runs the exact selection (two
+      // visits, the first shared with the candidates' when there is no guess) and the gather.
+      const int64_t chunks = (kB + chunk - 1) / chunk;
+      int64_t visits = guess == 0.7f * threshold ? 1 : (guess == 0.f ? 3 : 4);
+      if (chunks == 1) visits = 1;
+      EXPECT_EQ(pre.fills(), visits * chunks);
+    }
+  }
+}
+
+TEST(SelectAndGatherTest, AuxKIsGatheredDuringTheFirstVisit) {
+  const Batch b = MakeBatch(11);
+  std::vector<int32_t> dead = {3, 10, 11, 40, 41, 42, 69};
+  const int64_t k_aux = 3;
+  SparseCodes want_aux;
+  GatherAuxTopK(PreActivations::Whole(b.pre.data(), kB, kF), dead, k_aux, &want_aux);
+  // Brute force: per row the k_aux largest positive pre-activations among the dead latents.
+  for (int64_t r = 0; r < kB; ++r) {
+    std::vector<std::pair<float, int32_t>> pos;
+    for (int32_t i : dead)
+      if (b.pre[r * kF + i] > 0) pos.emplace_back(b.pre[r * kF + i], i);
+    std::sort(pos.rbegin(), pos.rend());
+    pos.resize(std::min<size_t>(pos.size(), k_aux));
+    std::vector<int32_t> expect;
+    for (auto& p : pos) expect.push_back(p.second);
+    std::sort(expect.begin(), expect.end());
+    std::vector<int32_t> got(want_aux.latent.begin() + want_aux.row_ptr[r],
+                             want_aux.latent.begin() + want_aux.row_ptr[r + 1]);
+    EXPECT_EQ(got, expect) << "row " << r;
+  }
+  for (int64_t chunk : {kB, int64_t{32}, int64_t{9}}) {
+    for (float guess : {0.f, 0.05f}) {
+      SCOPED_TRACE(testing::Message() << "chunk " << chunk << " guess " << guess);
+      std::vector<float> buffer;
+      auto pre = Chunked(b, chunk, &buffer);
+      SparseCodes codes, aux;
+      AuxRequest request{&dead, k_aux, &aux};
+      ASSERT_TRUE(
+          SelectAndGather(pre, b.w.data(), 3 * kB, guess, kSingleProcess, &codes, &request).ok());
+      EXPECT_EQ(aux.row_ptr, want_aux.row_ptr);
+      EXPECT_EQ(aux.latent, want_aux.latent);
+      EXPECT_EQ(aux.value, want_aux.value);
+    }
+  }
+}
+
+TEST(SelectAndGatherTest, FewerPositiveScoresThanKKeepsThemAll) {
+  Batch b = MakeBatch(3);
+  for (float& p : b.pre) p = p > 1.5f ? p : -1.f;  // a few percent positive
+  const int64_t positive = std::count_if(b.pre.begin(), b.pre.end(), [](float p) { return p > 0; });
+  std::vector<float> buffer;
+  auto pre = Chunked(b, 32, &buffer);
+  SparseCodes codes;
+  auto sel = SelectAndGather(pre, b.w.data(), positive + 10, 0.f, kSingleProcess, &codes);
+  ASSERT_TRUE(sel.ok());
+  EXPECT_TRUE(sel->keep_all_positive);
+  EXPECT_EQ(codes.nnz(), positive);
+}
+
+TEST(SegmentSquaredNormsTest, MatchesASum) {
+  std::vector<float> x(6 * 5);
+  std::iota(x.begin(), x.end(), -7.f);
+  std::vector<float> out(6);
+  SegmentSquaredNorms(x.data(), 6, 5, out.data());
+  for (int s = 0; s < 6; ++s) {
+    float want = 0;
+    for (int j = 0; j < 5; ++j) want += x[s * 5 + j] * x[s * 5 + j];
+    EXPECT_FLOAT_EQ(out[s], want);
+  }
+}
+
+}  // namespace
+}  // namespace crossdiff::crosscoder::kernels
