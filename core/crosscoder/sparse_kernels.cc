@@ -376,11 +376,115 @@ void CollectCandidates(const float* pre, int64_t F, const float* w, uint32_t low
 
 }  // namespace
 
+namespace {
+
+using CandidateLists = std::vector<std::vector<Candidate>>;
+
+struct KthKey {
+  std::optional<uint32_t> key;  // nullopt: fall back to the exact selection
+  int64_t candidates = -1;      // over all ranks (-1: some rank had no guess)
+};
+
+// The exact kth largest key among every rank's candidates by radix selection: one all-reduce
+// carries [ranks guessing, candidates, the first histogram (top 11 bits)], two more resolve the
+// lower bits. nullopt (on every rank alike) when some rank had no guess or the candidates fall
+// short of kth.
+absl::StatusOr<KthKey> KthKeyByRadix(const CandidateLists& cand, int64_t tasks,
+                                                      const float* w, int64_t kth, bool guessing,
+                                                      int64_t count,
+                                                      const AllReduceI64& allreduce) {
+  std::vector<int64_t> agg(2 + 2048, 0);
+  agg[0] = guessing ? 0 : 1;  // ranks without a guess
+  agg[1] = count;
+  for (int64_t t = 0; t < tasks; ++t)
+    for (const auto& e : cand[t]) ++agg[2 + (CandidateKey(e, w) >> 21)];
+  RETURN_IF_ERROR(allreduce(agg));
+  KthKey result;
+  if (agg[0] > 0) return result;
+  result.candidates = agg[1];
+  if (agg[1] < kth) return result;
+  std::vector<int64_t> hist(agg.begin() + 2, agg.end());
+  int64_t above = 0;
+  const uint32_t top = static_cast<uint32_t>(FindBucket(hist, kth, &above));
+  int64_t need = kth - above;
+  hist.assign(2048, 0);
+  for (int64_t t = 0; t < tasks; ++t) {
+    for (const auto& e : cand[t]) {
+      const uint32_t key = CandidateKey(e, w);
+      if ((key >> 21) == top) ++hist[(key >> 10) & 0x7FF];
+    }
+  }
+  RETURN_IF_ERROR(allreduce(hist));
+  const uint32_t mid = static_cast<uint32_t>(FindBucket(hist, need, &above));
+  need -= above;
+  hist.assign(2048, 0);
+  const uint32_t prefix = (top << 11) | mid;
+  for (int64_t t = 0; t < tasks; ++t) {
+    for (const auto& e : cand[t]) {
+      const uint32_t key = CandidateKey(e, w);
+      if ((key >> 10) == prefix) ++hist[key & 0x3FF];
+    }
+  }
+  RETURN_IF_ERROR(allreduce(hist));
+  const uint32_t low = static_cast<uint32_t>(FindBucket(hist, need, &above));
+  result.key = (top << 21) | (mid << 10) | low;
+  return result;
+}
+
+// The same key from one all-gather of every rank's candidate keys (blocks of 2 + capacity words:
+// [candidates, no guess, keys...]), each rank then selecting among all of them itself. nullopt
+// (on every rank alike) when some rank had no guess or more candidates than the capacity, or the
+// candidates fall short of kth.
+absl::StatusOr<KthKey> KthKeyFromGatheredKeys(const CandidateLists& cand,
+                                                               int64_t tasks, const float* w,
+                                                               int64_t kth, bool guessing,
+                                                               int64_t count,
+                                                               const KeyExchange& keys) {
+  const int64_t cap = keys.capacity;
+  static thread_local std::vector<uint32_t> block, all;
+  block.assign(2 + cap, 0);
+  block[0] = static_cast<uint32_t>(std::min<int64_t>(count, 0xFFFFFFFF));
+  block[1] = guessing ? 0 : 1;
+  int64_t n = 0;
+  for (int64_t t = 0; t < tasks && n < cap; ++t)
+    for (const auto& e : cand[t]) {
+      if (n == cap) break;
+      block[2 + n++] = CandidateKey(e, w);
+    }
+  RETURN_IF_ERROR(keys.all_gather(block, &all));
+  const int64_t blocks = static_cast<int64_t>(all.size()) / (2 + cap);
+  KthKey result;
+  int64_t total = 0;
+  bool overflow = false;
+  for (int64_t r = 0; r < blocks; ++r) {
+    const uint32_t* hdr = all.data() + r * (2 + cap);
+    if (hdr[1] != 0) return result;
+    overflow = overflow || hdr[0] > cap;
+    total += hdr[0];
+  }
+  result.candidates = total;
+  if (overflow || total < kth) return result;
+  // Compact every rank's keys to the front of `all`, then the kth largest.
+  int64_t m = 0;
+  for (int64_t r = 0; r < blocks; ++r) {
+    const uint32_t* src = all.data() + r * (2 + cap);
+    const int64_t c = src[0];
+    std::memmove(all.data() + m, src + 2, c * sizeof(uint32_t));
+    m += c;
+  }
+  std::nth_element(all.begin(), all.begin() + (kth - 1), all.begin() + m, std::greater<>());
+  result.key = all[kth - 1];
+  return result;
+}
+
+}  // namespace
+
 absl::StatusOr<Selection> SelectAndGather(const PreActivations& pre, const float* w, int64_t kth,
                                           float guess, const AllReduceI64& allreduce,
-                                          SparseCodes* out, const AuxRequest* aux) {
-  // Every rank must take the same branch: the decision uses all-reduced counts only. A rank with
-  // no guess contributes a count of -1 * (large) so that all fall back together.
+                                          SparseCodes* out, const AuxRequest* aux,
+                                          const KeyExchange* keys) {
+  // Every rank must take the same branch: the decision uses all-reduced or gathered counts only,
+  // and a rank without a guess makes every rank fall back.
   const int64_t B = pre.rows(), F = pre.cols();
   uint32_t lowkey = 0;
   if (guess > 0) std::memcpy(&lowkey, &guess, sizeof lowkey);
@@ -390,7 +494,7 @@ absl::StatusOr<Selection> SelectAndGather(const PreActivations& pre, const float
   }
   const int64_t tasks = (B + kRowsPerTask - 1) / kRowsPerTask;
   // Reused across calls (the trainer calls from one thread): no allocation in the steady state.
-  static thread_local std::vector<std::vector<Candidate>> cand;
+  static thread_local CandidateLists cand;
   if (static_cast<int64_t>(cand.size()) < tasks) cand.resize(tasks);
   for (auto& c : cand) c.clear();
   std::optional<AuxTopK> aux_top;
@@ -415,56 +519,30 @@ absl::StatusOr<Selection> SelectAndGather(const PreActivations& pre, const float
     });
     for (const auto& c : cand) count += static_cast<int64_t>(c.size());
   }
-  // One all-reduce carries [ranks guessing, candidates, the first radix histogram (top 11 bits)]:
-  // the histogram is wasted when the candidates fall short, which is rare.
-  std::vector<int64_t> agg(2 + 2048, 0);
-  agg[0] = guess > 0 ? 1 : 0;
-  agg[1] = count;
-  for (const auto& c : cand)
-    for (const auto& e : c) ++agg[2 + (CandidateKey(e, w) >> 21)];
-  RETURN_IF_ERROR(allreduce(agg));
-  const int64_t world_guessing = agg[0];
-  if (guess <= 0 || agg[1] < kth || world_guessing == 0) {
+  KthKey found;
+  if (keys != nullptr) {
+    ASSIGN_OR_RETURN(found, KthKeyFromGatheredKeys(cand, tasks, w, kth, guess > 0, count, *keys));
+  } else {
+    ASSIGN_OR_RETURN(found, KthKeyByRadix(cand, tasks, w, kth, guess > 0, count, allreduce));
+  }
+  if (!found.key) {
     Selection sel;
     if (guess > 0) {
       ASSIGN_OR_RETURN(sel, SelectKthScore(pre, w, kth, allreduce));
     } else {
       ASSIGN_OR_RETURN(sel, SelectKth(pre, w, kth, allreduce, aux_rows));
     }
+    sel.candidates = found.candidates;
+    sel.exact_fallback = true;
     GatherSelected(pre, w, sel, out);
     if (aux_top) aux_top->Finish(aux->out);
     return sel;
   }
   if (aux_top) aux_top->Finish(aux->out);
-  // Radix selection over the candidates' keys (>= lowkey): three histogram rounds, the first
-  // already reduced above.
   Selection sel;
   sel.positive = -1;  // not counted on this path
-  std::vector<int64_t> hist(agg.begin() + 2, agg.end());
-  int64_t above = 0;
-  const uint32_t top = static_cast<uint32_t>(FindBucket(hist, kth, &above));
-  int64_t need = kth - above;
-  hist.assign(2048, 0);
-  for (const auto& c : cand) {
-    for (const auto& e : c) {
-      const uint32_t key = CandidateKey(e, w);
-      if ((key >> 21) == top) ++hist[(key >> 10) & 0x7FF];
-    }
-  }
-  RETURN_IF_ERROR(allreduce(hist));
-  const uint32_t mid = static_cast<uint32_t>(FindBucket(hist, need, &above));
-  need -= above;
-  hist.assign(2048, 0);
-  const uint32_t prefix = (top << 11) | mid;
-  for (const auto& c : cand) {
-    for (const auto& e : c) {
-      const uint32_t key = CandidateKey(e, w);
-      if ((key >> 10) == prefix) ++hist[key & 0x3FF];
-    }
-  }
-  RETURN_IF_ERROR(allreduce(hist));
-  const uint32_t low = static_cast<uint32_t>(FindBucket(hist, need, &above));
-  const uint32_t tkey = (top << 21) | (mid << 10) | low;
+  sel.candidates = found.candidates;
+  const uint32_t tkey = *found.key;
   std::memcpy(&sel.threshold, &tkey, sizeof tkey);
   // CSR by token straight from the candidates (they are in row-major order).
   out->row_ptr.assign(B + 1, 0);

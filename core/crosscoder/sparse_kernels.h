@@ -23,6 +23,11 @@ struct Selection {
   float threshold = 0;             // the kth largest score over all ranks (the smallest kept score)
   bool keep_all_positive = false;  // fewer than kth positive scores: every positive score is kept
   int64_t positive = 0;            // positive scores over all ranks
+  // SelectAndGather: the candidates (scores reaching the guess) over all ranks, -1 without a guess;
+  // and whether the exact selection over every score ran (no guess, too few candidates, or a
+  // rank's candidates overflowed the key exchange).
+  int64_t candidates = -1;
+  bool exact_fallback = false;
 };
 
 // The [B, F] pre-activations of a batch, held whole or computed chunk by chunk into a buffer of
@@ -97,15 +102,26 @@ struct AuxRequest {
   SparseCodes* out = nullptr;
 };
 
+// Several ranks: every rank's candidate keys in one all-gather of fixed-size blocks (the block
+// `mine` has the same size on every rank; `all` receives the ranks' blocks in rank order).
+struct KeyExchange {
+  int64_t capacity = 0;  // keys a rank sends; more candidates than this make every rank fall back
+  std::function<absl::Status(const std::vector<uint32_t>& mine, std::vector<uint32_t>* all)>
+      all_gather;
+};
+
 // SelectKthScore + GatherSelected in (usually) one visit of the chunks: entries whose score reaches
 // `guess` (e.g. a fraction of the previous step's threshold) are collected once, and when there are
 // at least kth of them over all ranks the exact kth largest score is found among those candidates
-// alone. Otherwise (no guess, or it was too high) falls back to the full selection (three more
-// visits when the batch has several chunks). Same result as the two-step path. The all-reduces are
-// issued identically on every rank. `aux` (optional) is gathered during the first visit.
+// alone: by radix selection over all-reduced histograms (three collectives), or with `keys` from
+// one all-gather of every rank's candidate keys. Otherwise (no guess, the guess was too high, or a
+// rank's candidates overflow the key capacity) falls back to the full selection (three more visits
+// when the batch has several chunks). Same result on every path. The collectives are issued
+// identically on every rank. `aux` (optional) is gathered during the first visit.
 absl::StatusOr<Selection> SelectAndGather(const PreActivations& pre, const float* w, int64_t kth,
                                           float guess, const AllReduceI64& allreduce,
-                                          SparseCodes* out, const AuxRequest* aux = nullptr);
+                                          SparseCodes* out, const AuxRequest* aux = nullptr,
+                                          const KeyExchange* keys = nullptr);
 
 // Sparse codes, CSR by token: entries of token b are [row_ptr[b], row_ptr[b+1]).
 struct SparseCodes {

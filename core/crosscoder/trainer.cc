@@ -81,8 +81,7 @@ class Trainer {
   internal::FactorExchange exchange_;  // data-parallel BatchTopK: every rank's factors
   int64_t start_step_ = 0;
   float threshold_ = -1;
-  float last_selection_threshold_ =
-      0;  // not checkpointed: only a hint, results do not depend on it
+  internal::SelectionGuess guess_;  // not checkpointed: only a hint, results do not depend on it
   std::vector<MetricsRecord> history_;
   double last_loss_ = 0;
 };
@@ -249,13 +248,29 @@ absl::Status Trainer::StepBatchTopK(int64_t step, bool want_stats, StepSums* sum
   std::vector<int32_t> dead = internal::DeadLatentList(o_, since_fired_, F);
   const bool use_aux = !dead.empty();
   kernels::AuxRequest aux_request{&dead, o_.auxk_k, &aux_codes_};
-  // 0.7 x the previous step's threshold bounds this step's candidates (one visit of `pre`); when
-  // the threshold drops further in one step the exact full selection runs instead.
+  // A fraction of the previous step's threshold bounds this step's candidates (one visit of
+  // `pre`); when the threshold drops further in one step the exact full selection runs instead.
+  // Several ranks agree on the threshold in one all-gather of their candidates' keys (room for
+  // four times a rank's share of the batch's entries; more falls back to the exact selection).
+  kernels::KeyExchange keys;
+  if (distributed()) {
+    keys.capacity = 4 * internal::KAt(o_, step) * Bl;
+    keys.all_gather = [this](const std::vector<uint32_t>& mine,
+                             std::vector<uint32_t>* all) -> absl::Status {
+      all->resize(mine.size() * world_);
+      auto i32 = at::TensorOptions().dtype(at::kInt);
+      at::Tensor in = at::from_blob(const_cast<uint32_t*>(mine.data()),
+                                    {static_cast<int64_t>(mine.size())}, i32);
+      at::Tensor out = at::from_blob(all->data(), {static_cast<int64_t>(all->size())}, i32);
+      return comm_->AllGather(in, out);
+    };
+  }
   ASSIGN_OR_RETURN(kernels::Selection sel,
                    kernels::SelectAndGather(pre, w.data_ptr<float>(), internal::KAt(o_, step) * B_,
-                                            0.7f * last_selection_threshold_, reduce, &codes_,
-                                            use_aux ? &aux_request : nullptr));
-  last_selection_threshold_ = sel.keep_all_positive ? 0.f : sel.threshold;
+                                            guess_.guess(), reduce, &codes_,
+                                            use_aux ? &aux_request : nullptr,
+                                            distributed() ? &keys : nullptr));
+  guess_.Update(sel, internal::KAt(o_, step) * B_);
   // `pre` is dead from here on (the workspace becomes the gradient).
 
   kernels::SparseDecode(codes_, dec.data_ptr<float>(), Md, model_.b_dec().data_ptr<float>(),

@@ -117,6 +117,32 @@ int64_t KAt(const TrainOptions& o, int64_t step);
 // a [rows, M*d] temporary.
 at::Tensor PerModelSquaredError(const at::Tensor& err, int64_t M, int64_t d);
 
+// The guess SelectAndGather collects candidates above: a fraction of the previous step's
+// threshold, the fraction tuned so that the candidates stay between 1.25 and 3 times the entries
+// selected (fewer risks the exact fallback, more costs memory and exchange). Only global counts
+// drive it, so it is identical on every rank. It changes speed, never the selection.
+class SelectionGuess {
+ public:
+  float guess() const { return static_cast<float>(last_threshold_ * (1.0 - gap_)); }
+  void Update(const kernels::Selection& sel, int64_t kth) {
+    if (sel.candidates >= 0) {
+      if (sel.candidates < kth) {
+        gap_ = std::min(0.5, gap_ * 2);
+      } else if (sel.candidates > 3 * kth) {
+        gap_ = std::max(0.002, gap_ * 0.5);
+      } else if (4 * sel.candidates < 5 * kth) {
+        gap_ = std::min(0.5, gap_ * 1.25);
+      }
+    }
+    last_threshold_ = sel.keep_all_positive ? 0.0 : sel.threshold;
+  }
+  double gap() const { return gap_; }
+
+ private:
+  double last_threshold_ = 0;
+  double gap_ = 0.3;
+};
+
 // Rows of [rows, dict_size] pre-activations computed at a time so that a chunk fits in a buffer of
 // `buffer_floats` (the gradient buffer): a multiple of 32 rows, at least 32, all `rows` when they
 // fit.
