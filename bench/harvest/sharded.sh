@@ -5,11 +5,11 @@
 # loading, rendezvous and the merge of the parts included) and their ratio, and the steady rates the
 # harvests report (1 process; rank 0 of 2, times 2), REPEATS times, alternated.
 #
-#   bench/harvest/sharded.sh [BUILD_DIR]       (env: TOKENS=16384 REPEATS=2)
+#   bench/harvest/sharded.sh [BUILD_DIR]       (env: TOKENS=65536 REPEATS=2)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 BUILD=${1:-build}
-TOKENS=${TOKENS:-16384}
+TOKENS=${TOKENS:-65536}
 REPEATS=${REPEATS:-2}
 CLI="$BUILD/bin/crossdiff"
 [[ -x "$CLI" ]] || { echo "missing $CLI (scripts/build.sh crossdiff)" >&2; exit 1; }

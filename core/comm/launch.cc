@@ -1,8 +1,11 @@
 #include "core/comm/launch.h"
 
+#include <poll.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -52,6 +55,39 @@ void PublishPortToLauncher(int port) {
   (void)!write(fd, line.data(), line.size());
   close(fd);
   unsetenv(kRendezvousPortFdEnv);  // children of this rank must not write to it
+}
+
+// Under a local launcher, ranks 1..N-1 start before rank 0 has bound its port and read it from the
+// pipe the launcher gave them.
+absl::StatusOr<int> ReadPortFromLauncher(int fd, std::chrono::milliseconds timeout) {
+  std::string text;
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (text.find('\n') == std::string::npos) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    if (left.count() <= 0) {
+      return absl::DeadlineExceededError(absl::StrCat(
+          "--rendezvous: the launcher sent no port within ", timeout.count() / 1000.0, "s"));
+    }
+    pollfd p{fd, POLLIN, 0};
+    const int n = poll(&p, 1, static_cast<int>(std::min<int64_t>(left.count(), 1000)));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) continue;
+    char buf[32];
+    const ssize_t got = read(fd, buf, sizeof buf);
+    if (got < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+    if (got <= 0) {
+      return absl::UnavailableError(
+          "--rendezvous: the launcher closed the port pipe: rank 0 did not start its rendezvous");
+    }
+    text.append(buf, got);
+  }
+  int port = 0;
+  if (!absl::SimpleAtoi(text.substr(0, text.find('\n')), &port) || port <= 0 || port > 65535) {
+    return absl::InternalError(
+        absl::StrCat("--rendezvous: bad port from the launcher '", text, "'"));
+  }
+  return port;
 }
 
 }  // namespace
@@ -170,6 +206,16 @@ absl::StatusOr<RendezvousOptions> RendezvousOptionsFromFlags(const LaunchFlags& 
     if (absl::Status s = ParseHostPort("rendezvous", *flags.rendezvous, &o.host, &o.port);
         !s.ok()) {
       return s;
+    }
+    const char* in_fd = std::getenv(kRendezvousPortInFdEnv);
+    int fd = -1;
+    if (o.rank > 0 && o.port == 0 && in_fd != nullptr && absl::SimpleAtoi(in_fd, &fd) && fd >= 0) {
+      absl::StatusOr<int> port =
+          ReadPortFromLauncher(fd, o.join_timeout.count() > 0 ? o.join_timeout : o.timeout);
+      close(fd);
+      unsetenv(kRendezvousPortInFdEnv);
+      if (!port.ok()) return port.status();
+      o.port = *port;
     }
   }
   if (absl::Status s = ValidateRendezvousOptions(o); !s.ok()) {

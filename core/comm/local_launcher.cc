@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -68,6 +69,7 @@ class Launcher {
       if (p.fd >= 0) close(p.fd);
     }
     if (port_fd_ >= 0) close(port_fd_);
+    ClosePortOutputs();
   }
 
   absl::StatusOr<LocalLaunchResult> Run() {
@@ -79,21 +81,36 @@ class Launcher {
       fcntl(port_fd_, F_SETFD, FD_CLOEXEC);
       port_deadline_ = Clock::now() + spec_.port_timeout;
     }
-    // Rank 0 first: the others need the port it binds.
-    absl::Status s = Spawn(0, needs_port ? 0 : -1, port_pipe[1]);
+    absl::Status s = Spawn(0, needs_port ? 0 : -1, port_pipe[1], -1);
     if (port_pipe[1] >= 0) close(port_pipe[1]);
     if (!s.ok()) return s;
     if (!needs_port) started_all_ = true;
+    // The other ranks start now too, loading the program while rank 0 binds its port; each reads
+    // the port from its own pipe (EOF, if rank 0 fails first). A rank that died before reading
+    // must not kill the launcher with SIGPIPE: it is ignored process-wide, as the rendezvous does.
+    if (spec_.nproc > 1) std::signal(SIGPIPE, SIG_IGN);
+    for (int r = 1; r < spec_.nproc; ++r) {
+      int in[2];
+      if (pipe(in) != 0) {
+        Fail(r, Errno("pipe").message().data());
+        break;
+      }
+      fcntl(in[1], F_SETFD, FD_CLOEXEC);
+      port_out_fds_.push_back(in[1]);
+      absl::Status st = Spawn(r, 0, -1, in[0]);
+      close(in[0]);
+      if (!st.ok()) {
+        Fail(r, st.message().data());
+        break;
+      }
+    }
 
     while (AnyRunning() || AnyPipeOpen()) {
       PollOnce();
       if (!started_all_ && port_ > 0) {
-        for (int r = 1; r < spec_.nproc; ++r) {
-          if (absl::Status st = Spawn(r, port_, -1); !st.ok()) {
-            Fail(r, st.message().data());
-            break;
-          }
-        }
+        const std::string line = absl::StrCat(port_, "\n");
+        for (int fd : port_out_fds_) (void)!write(fd, line.data(), line.size());
+        ClosePortOutputs();
         started_all_ = true;
       }
       if (!started_all_ && !stopping_ && Clock::now() > port_deadline_) {
@@ -128,8 +145,9 @@ class Launcher {
     return absl::InternalError(absl::StrCat("launcher: ", what, ": ", std::strerror(errno)));
   }
 
-  // port < 0: no rendezvous flags (single process); port_write_fd >= 0: rank 0's port pipe.
-  absl::Status Spawn(int rank, int port, int port_write_fd) {
+  // port < 0: no rendezvous flags (single process); port_write_fd >= 0: rank 0's port pipe;
+  // port_read_fd >= 0: the pipe another rank reads the port from.
+  absl::Status Spawn(int rank, int port, int port_write_fd, int port_read_fd) {
     int out[2], err[2];
     if (pipe(out) != 0) return Errno("pipe");
     if (pipe(err) != 0) {
@@ -152,10 +170,15 @@ class Launcher {
     // The environment is built here: setenv/putenv are not safe between fork and exec.
     std::vector<std::string> env;
     const std::string env_prefix = absl::StrCat(kRendezvousPortFdEnv, "=");
+    const std::string in_prefix = absl::StrCat(kRendezvousPortInFdEnv, "=");
     for (char** e = environ; *e != nullptr; ++e) {
-      if (std::strncmp(*e, env_prefix.c_str(), env_prefix.size()) != 0) env.emplace_back(*e);
+      if (std::strncmp(*e, env_prefix.c_str(), env_prefix.size()) != 0 &&
+          std::strncmp(*e, in_prefix.c_str(), in_prefix.size()) != 0) {
+        env.emplace_back(*e);
+      }
     }
     if (port_write_fd >= 0) env.push_back(absl::StrCat(env_prefix, port_write_fd));
+    if (port_read_fd >= 0) env.push_back(absl::StrCat(in_prefix, port_read_fd));
     std::vector<char*> envp;
     for (std::string& e : env) envp.push_back(e.data());
     envp.push_back(nullptr);
@@ -187,6 +210,11 @@ class Launcher {
     pipes_.push_back({err[0], rank, true, ""});
     children_[rank] = {pid, true};
     return absl::OkStatus();
+  }
+
+  void ClosePortOutputs() {
+    for (int fd : port_out_fds_) close(fd);
+    port_out_fds_.clear();
   }
 
   bool AnyRunning() const {
@@ -290,7 +318,10 @@ class Launcher {
       result_.failure = why;
       if (result_.exit_codes[rank] <= 0) result_.exit_codes[rank] = 1;
     }
-    if (port_ == 0) started_all_ = true;  // without a port the other ranks cannot start
+    if (port_ == 0) {  // without a port the other ranks cannot join: EOF on their port pipes
+      ClosePortOutputs();
+      started_all_ = true;
+    }
     if (!spec_.stop_all_on_failure || stopping_) return;
     stopping_ = true;
     started_all_ = true;  // never start the remaining ranks
@@ -304,6 +335,8 @@ class Launcher {
   std::vector<Child> children_;
   std::vector<OutputPipe> pipes_;
   int port_fd_ = -1;
+  std::vector<int>
+      port_out_fds_;  // write ends of ranks 1..N-1's port pipes, until the port is sent
   std::string port_text_;
   int port_ = 0;
   Clock::time_point port_deadline_;

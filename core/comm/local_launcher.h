@@ -1,10 +1,11 @@
 // Starts N local processes of one program as ranks 0..N-1 of a distributed run and supervises them
 // (the `--nproc N` of crossdiff harvest/train; torchrun's standalone mode, without Python).
 //
-// Rendezvous without a port race: rank 0 starts first with `--rendezvous HOST:0` and the write end
-// of a pipe named in the environment variable kRendezvousPortFdEnv; it binds any free port and
-// writes "PORT\n" there (ConnectFromFlags in launch.h does this). Only then are ranks 1..N-1
-// started with `--rendezvous HOST:PORT`.
+// Rendezvous without a port race: rank 0 starts with `--rendezvous HOST:0` and the write end of a
+// pipe named in the environment variable kRendezvousPortFdEnv; it binds any free port and writes
+// "PORT\n" there (ConnectFromFlags in launch.h does this). Ranks 1..N-1 start at the same time (so
+// every rank loads the program in parallel) with `--rendezvous HOST:0` and the read end of a pipe
+// named in kRendezvousPortInFdEnv, from which they read the port once the launcher has it.
 //
 // Supervision: every rank's stdout/stderr line is forwarded with a "[rank R] " prefix; when a rank
 // exits non-zero or is killed, the others get SIGTERM (SIGKILL after a grace period) and the
@@ -23,6 +24,7 @@
 namespace crossdiff::comm {
 
 inline constexpr char kRendezvousPortFdEnv[] = "CROSSDIFF_RENDEZVOUS_PORT_FD";
+inline constexpr char kRendezvousPortInFdEnv[] = "CROSSDIFF_RENDEZVOUS_PORT_IN_FD";
 
 struct LocalLaunchSpec {
   std::string executable;         // path passed to execv

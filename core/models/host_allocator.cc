@@ -20,6 +20,9 @@ void TuneHostAllocatorForInference() {
     // glibc's upper limit for the threshold on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX).
     constexpr int kMaxMmapThreshold = 32 * 1024 * 1024;
     mallopt(M_MMAP_THRESHOLD, kMaxMmapThreshold);
+    if (std::getenv("MALLOC_TRIM_THRESHOLD_") == nullptr) {
+      mallopt(M_TRIM_THRESHOLD, 256 * 1024 * 1024);
+    }
 #endif
   });
 }

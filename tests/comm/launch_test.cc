@@ -3,6 +3,7 @@
 #include "core/comm/launch.h"
 
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <array>
 #include <cstdio>
@@ -51,7 +52,8 @@ TEST(LocalLauncherTest, RankZeroThatNeverPublishesItsPortIsNamed) {
   EXPECT_EQ(result->failed_rank, 0);
   EXPECT_EQ(result->failure, "rank 0 did not publish its rendezvous port within 0.3s");
   EXPECT_EQ(result->exit_codes.size(), 2u);
-  EXPECT_EQ(result->exit_codes[1], -1);  // never started
+  // Started with rank 0 (it waits for the port on a pipe), stopped when rank 0 failed.
+  EXPECT_EQ(result->exit_codes[1], 128 + SIGTERM);
 }
 
 // Runs `command`, returns its exit status and merged output.
@@ -113,6 +115,43 @@ TEST(LaunchFlagsTest, WorldSizeWithoutRendezvousIsRejected) {
   auto o = RendezvousOptionsFromFlags(flags);
   EXPECT_EQ(o.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(o.status().message(), HasSubstr("--rendezvous: needed with --world-size 2"));
+}
+
+// Ranks 1..N-1 of a local launch start before rank 0 has a port and read it from a pipe.
+absl::StatusOr<RendezvousOptions> OptionsWithPortPipe(const std::string& written, bool close_it) {
+  int p[2];
+  EXPECT_EQ(pipe(p), 0);
+  if (!written.empty()) {
+    EXPECT_EQ(write(p[1], written.data(), written.size()),
+              static_cast<ssize_t>(written.size()));
+  }
+  if (close_it) close(p[1]);
+  setenv(kRendezvousPortInFdEnv, std::to_string(p[0]).c_str(), 1);
+  CommandLine cl("t", "t");
+  LaunchFlags flags = AddLaunchFlags(cl);
+  std::array<const char*, 9> argv = {"t", "--rank", "1", "--world-size", "2", "--rendezvous",
+                                     "127.0.0.1:0", "--rendezvous-timeout", "0.3"};
+  EXPECT_TRUE(cl.Parse(9, const_cast<char**>(argv.data())).ok());
+  auto o = RendezvousOptionsFromFlags(flags);
+  if (!close_it) close(p[1]);
+  EXPECT_EQ(std::getenv(kRendezvousPortInFdEnv), nullptr);  // read once, not passed on
+  return o;
+}
+
+TEST(LaunchFlagsTest, LaterRanksReadThePortFromTheLauncher) {
+  auto o = OptionsWithPortPipe("4321\n", /*close_it=*/true);
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->port, 4321);
+  EXPECT_EQ(o->host, "127.0.0.1");
+}
+
+TEST(LaunchFlagsTest, PortPipeClosedOrSilentIsAClearError) {
+  auto closed = OptionsWithPortPipe("", /*close_it=*/true);
+  EXPECT_EQ(closed.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(closed.status().message(), HasSubstr("rank 0 did not start its rendezvous"));
+  auto silent = OptionsWithPortPipe("", /*close_it=*/false);
+  EXPECT_EQ(silent.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(silent.status().message(), HasSubstr("no port within 0.3s"));
 }
 
 }  // namespace
