@@ -140,7 +140,7 @@ class SelectionGuess {
 
  private:
   double last_threshold_ = 0;
-  double gap_ = 0.3;
+  double gap_ = 0.05;
 };
 
 // Rows of [rows, dict_size] pre-activations computed at a time so that a chunk fits in a buffer of
