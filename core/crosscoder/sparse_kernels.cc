@@ -119,7 +119,7 @@ void DecodeRows(const SparseCodes& c, const float* dec, int64_t Md, const float*
 CROSSDIFF_VECTOR_CLONES
 void BackwardLatents(const LatentEntries& le, const float* x, const float* g_main,
                      const float* g_aux, const float* dec, int64_t Md, float* g_enc, float* g_dec,
-                     float* g_benc, int64_t i0, int64_t i1) {
+                     float* g_benc, double* row_sq, int64_t i0, int64_t i1) {
   for (int64_t i = i0; i < i1; ++i) {
     float* __restrict gd = g_dec + i * Md;
     float* __restrict ge = g_enc + i * Md;
@@ -143,6 +143,15 @@ void BackwardLatents(const LatentEntries& le, const float* x, const float* g_mai
       gb += gp;
     }
     g_benc[i] = gb;
+    if (row_sq != nullptr) {
+      // The rows are still in L1: their share of the gradient norm costs no extra pass.
+      double sq = static_cast<double>(gb) * gb;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t j = 0; j < Md; ++j) {
+        sq += static_cast<double>(gd[j]) * gd[j] + static_cast<double>(ge[j]) * ge[j];
+      }
+      row_sq[i] = sq;
+    }
   }
 }
 
@@ -609,9 +618,9 @@ void BuildLatentEntries(const SparseCodes& main, const SparseCodes* aux, int64_t
 
 void SparseBackward(const LatentEntries& entries, const float* x, const float* g_main,
                     const float* g_aux, const float* dec, int64_t F, int64_t Md, float* g_enc,
-                    float* g_dec, float* g_benc) {
+                    float* g_dec, float* g_benc, double* row_sq) {
   at::parallel_for(0, F, 16, [&](int64_t i0, int64_t i1) {
-    BackwardLatents(entries, x, g_main, g_aux, dec, Md, g_enc, g_dec, g_benc, i0, i1);
+    BackwardLatents(entries, x, g_main, g_aux, dec, Md, g_enc, g_dec, g_benc, row_sq, i0, i1);
   });
 }
 

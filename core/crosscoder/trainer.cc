@@ -78,6 +78,7 @@ class Trainer {
   std::unique_ptr<BatchStream> stream_;
   kernels::SparseCodes codes_, aux_codes_;
   kernels::LatentEntries entries_;
+  std::vector<double> latent_sq_;  // BatchTopK: each latent's squared gradient norm this step
   internal::FactorExchange exchange_;  // data-parallel BatchTopK: every rank's factors
   int64_t start_step_ = 0;
   float threshold_ = -1;
@@ -220,7 +221,15 @@ absl::Status Trainer::ApplyGradients(int64_t step) {
   return internal::ClipAndAdamStep(
       o_, step,
       [this]() -> absl::StatusOr<double> {
-        return std::sqrt(kernels::SquaredNorm(grads_.data_ptr<float>(), grads_.numel()));
+        if (o_.arch != Architecture::kBatchTopK) {
+          return std::sqrt(kernels::SquaredNorm(grads_.data_ptr<float>(), grads_.numel()));
+        }
+        // The backward summed each latent's rows while they were in cache; the decoder bias
+        // remains (its Md floats are the tail of the flat gradient).
+        double sq = 0;
+        for (double v : latent_sq_) sq += v;
+        const int64_t n = grads_.numel();
+        return std::sqrt(sq + kernels::SquaredNorm(grads_.data_ptr<float>() + n - Md_, Md_));
       },
       params_, grads_, adam_m_, adam_v_);
 }
@@ -306,11 +315,11 @@ absl::Status Trainer::StepBatchTopK(int64_t step, bool want_stats, StepSums* sum
     internal::BatchTopKGradients(exchange_.codes(), use_aux ? &exchange_.aux_codes() : nullptr,
                                  exchange_.x_rows(), exchange_.gmain_rows(),
                                  use_aux ? exchange_.gaux_rows() : nullptr, dec, F, M_, d_,
-                                 &entries_, grads_);
+                                 &entries_, grads_, &latent_sq_);
     exchange_.SumGmain(grads_.data_ptr<float>() + 2 * F * Md + F);
   } else {
     internal::BatchTopKBackward(codes_, use_aux ? &aux_codes_ : nullptr, x_, err, row_scale, gaux,
-                                dec, F, M_, d_, &entries_, grads_);
+                                dec, F, M_, d_, &entries_, grads_, &latent_sq_);
   }
   if (o_.observe_step) {
     StepObservation obs = internal::Observation(step, params_, grads_, x_, since_fired_);

@@ -160,10 +160,11 @@ at::Tensor BatchTopKLoss(const TrainOptions& o, const at::Tensor& e2, int64_t gl
 void BatchTopKBackward(const kernels::SparseCodes& codes, const kernels::SparseCodes* aux_codes,
                        const at::Tensor& x, at::Tensor& err, const at::Tensor& row_scale,
                        const float* gaux, const at::Tensor& dec, int64_t n, int64_t M, int64_t d,
-                       kernels::LatentEntries* entries, at::Tensor& grads) {
+                       kernels::LatentEntries* entries, at::Tensor& grads,
+                       std::vector<double>* latent_sq) {
   ScaleToOutputGradient(err, row_scale, M, d);
   BatchTopKGradients(codes, aux_codes, x.data_ptr<float>(), err.data_ptr<float>(), gaux, dec, n, M,
-                     d, entries, grads);
+                     d, entries, grads, latent_sq);
   at::Tensor g_bdec = grads.narrow(0, 2 * n * M * d + n, M * d);
   at::sum_out(g_bdec, err, {0});
 }
@@ -175,12 +176,14 @@ void ScaleToOutputGradient(at::Tensor& err, const at::Tensor& row_scale, int64_t
 void BatchTopKGradients(const kernels::SparseCodes& codes, const kernels::SparseCodes* aux_codes,
                         const float* x, const float* gmain, const float* gaux,
                         const at::Tensor& dec, int64_t n, int64_t M, int64_t d,
-                        kernels::LatentEntries* entries, at::Tensor& grads) {
+                        kernels::LatentEntries* entries, at::Tensor& grads,
+                        std::vector<double>* latent_sq) {
   const int64_t Md = M * d, fmd = n * Md;
   float* g = grads.data_ptr<float>();
   kernels::BuildLatentEntries(codes, aux_codes, n, entries);
+  if (latent_sq != nullptr) latent_sq->resize(n);
   kernels::SparseBackward(*entries, x, gmain, gaux, dec.data_ptr<float>(), n, Md, g, g + fmd,
-                          g + 2 * fmd);
+                          g + 2 * fmd, latent_sq != nullptr ? latent_sq->data() : nullptr);
 }
 
 at::Tensor FiredCounts(const kernels::SparseCodes& codes, int64_t n) {

@@ -149,6 +149,29 @@ TEST(SelectAndGatherTest, FewerPositiveScoresThanKKeepsThemAll) {
   EXPECT_EQ(codes.nnz(), positive);
 }
 
+TEST(SparseBackwardTest, RowSquaredNormsAreThoseOfTheGradientRows) {
+  const Batch b = MakeBatch(5);
+  SparseCodes codes;
+  ASSERT_TRUE(SelectAndGather(PreActivations::Whole(b.pre.data(), kB, kF), b.w.data(), 3 * kB, 0.f,
+                              kSingleProcess, &codes)
+                  .ok());
+  LatentEntries entries;
+  BuildLatentEntries(codes, nullptr, kF, &entries);
+  const int64_t Md = 12;
+  at::Generator gen = at::detail::createCPUGenerator(9);
+  at::Tensor x = at::randn({kB, Md}, gen), g = at::randn({kB, Md}, gen),
+             dec = at::randn({kF, Md}, gen);
+  at::Tensor g_enc = at::empty({kF, Md}), g_dec = at::empty({kF, Md}), g_benc = at::empty({kF});
+  std::vector<double> row_sq(kF, -1);
+  SparseBackward(entries, x.data_ptr<float>(), g.data_ptr<float>(), nullptr, dec.data_ptr<float>(),
+                 kF, Md, g_enc.data_ptr<float>(), g_dec.data_ptr<float>(),
+                 g_benc.data_ptr<float>(), row_sq.data());
+  at::Tensor want = (g_enc.to(at::kDouble).pow(2).sum(1) + g_dec.to(at::kDouble).pow(2).sum(1) +
+                     g_benc.to(at::kDouble).pow(2));
+  for (int64_t i = 0; i < kF; ++i) EXPECT_NEAR(row_sq[i], want[i].item<double>(), 1e-9) << i;
+  EXPECT_GT(want.sum().item<double>(), 0);
+}
+
 TEST(SegmentSquaredNormsTest, MatchesASum) {
   std::vector<float> x(6 * 5);
   std::iota(x.begin(), x.end(), -7.f);
