@@ -72,7 +72,7 @@ absl::Status FactorExchange::Exchange(comm::Communicator& comm, const kernels::S
   world_ = comm.world_size();
   aux_ = aux;
   float* send = send_.data_ptr<float>();
-  auto* tail = reinterpret_cast<int32_t*>(send + 2 * rows_ * Md_);
+  auto* tail = reinterpret_cast<int32_t*>(send + rows_ * Md_);
   const int64_t sent = PackCodes(codes, rows_, main_capacity_, tail + 4);
   tail[0] = static_cast<int32_t>(codes.nnz());
   tail[1] = static_cast<int32_t>(aux ? aux_codes->nnz() : 0);
@@ -94,7 +94,7 @@ absl::Status FactorExchange::Exchange(comm::Communicator& comm, const kernels::S
   std::vector<int64_t> nnz(world_), aux_nnz(world_);
   int64_t max_extra = 0;
   for (int r = 0; r < world_; ++r) {
-    const auto* t = reinterpret_cast<const int32_t*>(all + r * block + 2 * rows_ * Md_);
+    const auto* t = reinterpret_cast<const int32_t*>(all + r * block + rows_ * Md_);
     if ((t[2] != 0) != aux) {
       return absl::InternalError(absl::StrCat("ranks disagree on AuxK this step: rank ", r,
                                               aux ? " has no dead latents" : " has dead latents"));
@@ -123,7 +123,7 @@ absl::Status FactorExchange::Exchange(comm::Communicator& comm, const kernels::S
     c->value.clear();
   }
   for (int r = 0; r < world_; ++r) {
-    const auto* t = reinterpret_cast<const int32_t*>(all + r * block + 2 * rows_ * Md_);
+    const auto* t = reinterpret_cast<const int32_t*>(all + r * block + rows_ * Md_);
     const int64_t extra = std::max<int64_t>(0, nnz[r] - main_capacity_);
     // A rank's overflow block holds latents at [0, max_extra) and value bits after them.
     const int32_t* over =
@@ -149,7 +149,7 @@ void FactorExchange::SumGmain(float* out) const {
   const int64_t block = BlockWords(aux_);
   std::fill(out, out + Md_, 0.f);
   for (int r = 0; r < world_; ++r) {
-    const float* g = recv_.data_ptr<float>() + r * block + rows_ * Md_;
+    const float* g = recv_.data_ptr<float>() + r * block;
     for (int64_t b = 0; b < rows_; ++b) {
       const float* row = g + b * Md_;
       for (int64_t j = 0; j < Md_; ++j) out[j] += row[j];

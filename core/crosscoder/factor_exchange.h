@@ -2,20 +2,21 @@
 //
 // A BatchTopK step's gradients are sums over tokens of products of per-token factors: the
 // normalised input x_b, dL/dxhat_b, the AuxK gradient and the token's sparse codes (DESIGN.md 4;
-// kernels::SparseBackward). The dense gradients are 2*F*M*d floats (67 MB at d=512, F=8192); the
-// factors of a batch of B tokens are 2-3*B*M*d floats plus k entries a token (4-6 MB at B=1024).
-// So each rank gathers every rank's factors, in one all-gather, and computes the gradients of the
-// whole global batch itself: about a fifteenth of the bytes of an all-reduce (4.5 MB against 67 MB
-// per step and rank at B=1024, W=2) and one collective instead of one per bucket.
+// kernels::SparseBackward). The dense gradients are 2*F*M*d floats (67 MB at d=512, F=8192). Every
+// rank reads the whole global batch (x of every token, from the store: no bytes on the wire), so
+// each rank gathers only every rank's dL/dxhat, AuxK gradient and codes, in one all-gather, and
+// computes the gradients of the whole global batch itself: 2.4 MB against 67 MB per step and rank
+// at B=1024, W=2, and one collective instead of one per bucket.
 //
 // Layout of a rank's block (F32 words; the block is a whole number of Md-wide rows):
-//   [x: rows*Md | gmain: rows*Md | tail | gaux: rows*Md | aux tail]     (the last two with AuxK)
+//   [gmain: rows*Md | tail | gaux: rows*Md | aux tail]     (the last two with AuxK)
 //   tail:     header (4: main entries, aux entries, AuxK flag, 0), main counts (rows), then
 //             main latents and value bits (capacity main_capacity entries), zero-padded;
 //   aux tail: aux counts (rows), aux latents and value bits (rows * k_aux entries), zero-padded.
-// Because every block is whole rows, rank r's token b is row r*block_rows + b of the gathered
-// buffer for x, of (buffer + rows*Md) for gmain and of (buffer + gaux offset) for gaux: the
-// gathered codes use those row numbers as tokens, and the kernels read the gathered buffer as is.
+// Because every block is whole rows, rank r's token b is row r*block_rows() + b of the gathered
+// buffer for gmain and of (buffer + gaux offset) for gaux: the gathered codes use those row numbers
+// as tokens, and the kernels read the gathered buffer as is (x through XRows(), which maps a token
+// to its row of the global batch, r*rows + b).
 // Main entries beyond the capacity (a rank holding far more than its share of the batch's top
 // scores) go through a second all-gather, sized from the headers every rank has by then.
 #pragma once
@@ -38,8 +39,7 @@ class FactorExchange {
   FactorExchange(int64_t rows, int64_t Md, int64_t main_capacity, int64_t k_aux);
 
   // This rank's factor rows, to be filled before Exchange ([rows, Md] views of the send buffer).
-  at::Tensor x() const { return send_.narrow(0, 0, rows_ * Md_).view({rows_, Md_}); }
-  at::Tensor gmain() const { return send_.narrow(0, rows_ * Md_, rows_ * Md_).view({rows_, Md_}); }
+  at::Tensor gmain() const { return send_.narrow(0, 0, rows_ * Md_).view({rows_, Md_}); }
   at::Tensor gaux() const { return send_.narrow(0, GauxOffset(), rows_ * Md_).view({rows_, Md_}); }
 
   // Gathers every rank's block. aux must be the same on every rank (checked), aux_codes given
@@ -48,18 +48,19 @@ class FactorExchange {
                         const kernels::SparseCodes* aux_codes);
 
   // After Exchange: the global batch, tokens numbered as rows of the gathered buffer.
-  const float* x_rows() const { return recv_.data_ptr<float>(); }
-  const float* gmain_rows() const { return recv_.data_ptr<float>() + rows_ * Md_; }
+  const float* gmain_rows() const { return recv_.data_ptr<float>(); }
   const float* gaux_rows() const { return recv_.data_ptr<float>() + GauxOffset(); }
   const kernels::SparseCodes& codes() const { return codes_; }
   const kernels::SparseCodes& aux_codes() const { return aux_codes_; }
+  // Token t of the gathered codes is row XRows()(t) of the global batch [world * rows, Md].
+  kernels::RowMap XRows() const { return {BlockWords(aux_) / Md_, rows_}; }
   // out [Md] = the sum of every rank's gmain rows (the decoder bias gradient).
   void SumGmain(float* out) const;
 
  private:
   int64_t TailWords() const;
   int64_t AuxTailWords() const;
-  int64_t GauxOffset() const { return 2 * rows_ * Md_ + TailWords(); }
+  int64_t GauxOffset() const { return rows_ * Md_ + TailWords(); }
   int64_t BlockWords(bool aux) const {
     return GauxOffset() + (aux ? rows_ * Md_ + AuxTailWords() : 0);
   }

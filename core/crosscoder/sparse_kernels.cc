@@ -119,7 +119,7 @@ void DecodeRows(const SparseCodes& c, const float* dec, int64_t Md, const float*
 CROSSDIFF_VECTOR_CLONES
 void BackwardLatents(const LatentEntries& le, const float* x, const float* g_main,
                      const float* g_aux, const float* dec, int64_t Md, float* g_enc, float* g_dec,
-                     float* g_benc, double* row_sq, int64_t i0, int64_t i1) {
+                     float* g_benc, double* row_sq, RowMap x_rows, int64_t i0, int64_t i1) {
   for (int64_t i = i0; i < i1; ++i) {
     float* __restrict gd = g_dec + i * Md;
     float* __restrict ge = g_enc + i * Md;
@@ -130,7 +130,7 @@ void BackwardLatents(const LatentEntries& le, const float* x, const float* g_mai
     for (int64_t e = le.ptr[i]; e < le.ptr[i + 1]; ++e) {
       const int64_t b = le.token[e];
       const float* __restrict gs = (le.source[e] ? g_aux : g_main) + b * Md;
-      const float* __restrict xb = x + b * Md;
+      const float* __restrict xb = x + x_rows(b) * Md;
       const float a = le.value[e];
       float gp = 0.f;
 #pragma omp simd reduction(+ : gp)
@@ -618,9 +618,10 @@ void BuildLatentEntries(const SparseCodes& main, const SparseCodes* aux, int64_t
 
 void SparseBackward(const LatentEntries& entries, const float* x, const float* g_main,
                     const float* g_aux, const float* dec, int64_t F, int64_t Md, float* g_enc,
-                    float* g_dec, float* g_benc, double* row_sq) {
+                    float* g_dec, float* g_benc, double* row_sq, RowMap x_rows) {
   at::parallel_for(0, F, 16, [&](int64_t i0, int64_t i1) {
-    BackwardLatents(entries, x, g_main, g_aux, dec, Md, g_enc, g_dec, g_benc, row_sq, i0, i1);
+    BackwardLatents(entries, x, g_main, g_aux, dec, Md, g_enc, g_dec, g_benc, row_sq, x_rows, i0,
+                    i1);
   });
 }
 

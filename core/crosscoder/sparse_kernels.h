@@ -159,11 +159,23 @@ void BuildLatentEntries(const SparseCodes& main, const SparseCodes* aux, int64_t
 //   g_enc[i]  = sum_e g_pre_e * x[token_e],   g_benc[i] = sum_e g_pre_e
 // where g_src is g_main (dL/dxhat) or g_aux (dL/d aux reconstruction). Every row of g_enc, g_dec
 // and every g_benc entry is written (zero for latents without entries).
+// Where token t's row of x is when x is laid out apart from the gradient rows: row
+// (t / block_rows) * rows + t % block_rows; block_rows == 0: row t.
+struct RowMap {
+  int64_t block_rows = 0;
+  int64_t rows = 0;
+  int64_t operator()(int64_t t) const {
+    return block_rows == 0 ? t : (t / block_rows) * rows + t % block_rows;
+  }
+};
+
+// x_rows maps tokens to rows of x (default: the same rows as g_main's).
 // row_sq (optional, [F]): ||g_enc[i]||^2 + ||g_dec[i]||^2 + g_benc[i]^2, in double, computed while
 // the rows are in cache (the gradient norm without another pass over the gradients).
 void SparseBackward(const LatentEntries& entries, const float* x, const float* g_main,
                     const float* g_aux, const float* dec, int64_t F, int64_t Md, float* g_enc,
-                    float* g_dec, float* g_benc, double* row_sq = nullptr);
+                    float* g_dec, float* g_benc, double* row_sq = nullptr,
+                    RowMap x_rows = {});
 
 // sum x^2 in double.
 double SquaredNorm(const float* x, int64_t n);

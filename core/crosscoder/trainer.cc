@@ -74,6 +74,7 @@ class Trainer {
   Crosscoder model_;
   at::Tensor params_, grads_, adam_m_, adam_v_, workspace_;
   at::Tensor x_, xhat_, gaux_;
+  at::Tensor x_global_;  // with the factor exchange: the whole global batch, x_ its rank's rows
   at::Tensor since_fired_;  // I64 [F]: tokens since each latent last fired
   std::unique_ptr<BatchStream> stream_;
   kernels::SparseCodes codes_, aux_codes_;
@@ -138,11 +139,13 @@ absl::Status Trainer::AllocateState() {
     grads_ = at::empty({n}, f32);
   }
   if (exchanges_factors()) {
-    // The batch, its reconstruction (then dL/dxhat) and the AuxK gradient live in the factor
-    // exchange's send buffer.
+    // Every rank reads and normalises the whole global batch (the backward needs every token's x:
+    // reading it costs less than sending it); x_ is this rank's rows of it. The reconstruction
+    // (then dL/dxhat) and the AuxK gradient live in the factor exchange's send buffer.
     const int64_t k_max = std::max(o_.k, o_.k_initial);
     exchange_ = internal::FactorExchange(Bl_, Md_, 2 * Bl_ * k_max + 64, o_.auxk_k);
-    x_ = exchange_.x();
+    x_global_ = at::empty({B_, Md_}, f32);
+    x_ = x_global_.narrow(0, rank_ * Bl_, Bl_);
     xhat_ = exchange_.gmain();
     gaux_ = exchange_.gaux();
   } else {
@@ -150,8 +153,10 @@ absl::Status Trainer::AllocateState() {
     xhat_ = at::empty({Bl_, Md_}, f32);
   }
   since_fired_ = at::zeros({F_}, at::TensorOptions().dtype(at::kLong));
-  ASSIGN_OR_RETURN(stream_, rows_.CreateBatchStream(
-                                internal::StreamOptions(o_, train_rows_, B_, rank_, world_)));
+  const bool whole_batch = exchanges_factors();
+  ASSIGN_OR_RETURN(stream_, rows_.CreateBatchStream(internal::StreamOptions(
+                                o_, train_rows_, B_, whole_batch ? 0 : rank_,
+                                whole_batch ? 1 : world_)));
   return absl::OkStatus();
 }
 
@@ -313,9 +318,9 @@ absl::Status Trainer::StepBatchTopK(int64_t step, bool want_stats, StepSums* sum
     internal::ScaleToOutputGradient(err, row_scale, M_, d_);
     RETURN_IF_ERROR(exchange_.Exchange(*comm_, codes_, use_aux, use_aux ? &aux_codes_ : nullptr));
     internal::BatchTopKGradients(exchange_.codes(), use_aux ? &exchange_.aux_codes() : nullptr,
-                                 exchange_.x_rows(), exchange_.gmain_rows(),
+                                 x_global_.data_ptr<float>(), exchange_.gmain_rows(),
                                  use_aux ? exchange_.gaux_rows() : nullptr, dec, F, M_, d_,
-                                 &entries_, grads_, &latent_sq_);
+                                 &entries_, grads_, &latent_sq_, exchange_.XRows());
     exchange_.SumGmain(grads_.data_ptr<float>() + 2 * F * Md + F);
   } else {
     internal::BatchTopKBackward(codes_, use_aux ? &aux_codes_ : nullptr, x_, err, row_scale, gaux,
@@ -372,9 +377,11 @@ absl::Status Trainer::StepReluL1(int64_t step, bool want_stats, StepSums* sums) 
 }
 
 absl::Status Trainer::Step(int64_t step, bool want_stats, StepSums* sums) {
-  // This rank's slice of global batch `step`: stream positions [step*B + rank*Bl, ... + Bl).
-  RETURN_IF_ERROR(stream_->Next(step, x_.data_ptr<float>()));
-  at::Tensor xv = x_.view({Bl_, M_, d_});
+  // This rank's slice of global batch `step`: stream positions [step*B + rank*Bl, ... + Bl) (with
+  // the factor exchange, the whole batch, of which x_ is that slice).
+  at::Tensor batch = exchanges_factors() ? x_global_ : x_;
+  RETURN_IF_ERROR(stream_->Next(step, batch.data_ptr<float>()));
+  at::Tensor xv = batch.view({batch.size(0), M_, d_});
   if (model_.activation_mean().defined()) xv.sub_(model_.activation_mean().unsqueeze(0));
   xv.mul_(model_.activation_scale().view({1, M_, 1}));
   if (o_.arch == Architecture::kBatchTopK) return StepBatchTopK(step, want_stats, sums);

@@ -177,13 +177,13 @@ void BatchTopKGradients(const kernels::SparseCodes& codes, const kernels::Sparse
                         const float* x, const float* gmain, const float* gaux,
                         const at::Tensor& dec, int64_t n, int64_t M, int64_t d,
                         kernels::LatentEntries* entries, at::Tensor& grads,
-                        std::vector<double>* latent_sq) {
+                        std::vector<double>* latent_sq, kernels::RowMap x_rows) {
   const int64_t Md = M * d, fmd = n * Md;
   float* g = grads.data_ptr<float>();
   kernels::BuildLatentEntries(codes, aux_codes, n, entries);
   if (latent_sq != nullptr) latent_sq->resize(n);
   kernels::SparseBackward(*entries, x, gmain, gaux, dec.data_ptr<float>(), n, Md, g, g + fmd,
-                          g + 2 * fmd, latent_sq != nullptr ? latent_sq->data() : nullptr);
+                          g + 2 * fmd, latent_sq != nullptr ? latent_sq->data() : nullptr, x_rows);
 }
 
 at::Tensor FiredCounts(const kernels::SparseCodes& codes, int64_t n) {

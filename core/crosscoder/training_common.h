@@ -78,14 +78,14 @@ void BatchTopKBackward(const kernels::SparseCodes& codes, const kernels::SparseC
 // BatchTopKLoss) becomes dL/dxhat, in place.
 void ScaleToOutputGradient(at::Tensor& err, const at::Tensor& row_scale, int64_t M, int64_t d);
 // BatchTopKBackward's encoder, decoder and encoder-bias gradients (not the decoder bias's) from
-// rows of x and of dL/dxhat gmain (already scaled), token t's at x + t*M*d and gmain + t*M*d.
-// latent_sq (optional) receives each latent's squared gradient norm (kernels::SparseBackward's
+// rows of x and of dL/dxhat gmain (already scaled), token t's at x + x_rows(t)*M*d and
+// gmain + t*M*d. latent_sq (optional) receives each latent's squared gradient norm (kernels::SparseBackward's
 // row_sq): their sum plus the decoder bias's is the gradient norm.
 void BatchTopKGradients(const kernels::SparseCodes& codes, const kernels::SparseCodes* aux_codes,
                         const float* x, const float* gmain, const float* gaux,
                         const at::Tensor& dec, int64_t n, int64_t M, int64_t d,
                         kernels::LatentEntries* entries, at::Tensor& grads,
-                        std::vector<double>* latent_sq = nullptr);
+                        std::vector<double>* latent_sq = nullptr, kernels::RowMap x_rows = {});
 // How often each of the n latents fired in codes (I64 [n]).
 at::Tensor FiredCounts(const kernels::SparseCodes& codes, int64_t n);
 // The ReLU-L1 backward over n latents with codes f [rows, n], decoder dec [n, M*d] (row norms nrm

@@ -71,7 +71,6 @@ int main(int argc, char** argv) {
   crossdiff::crosscoder::internal::FactorExchange ex(kRows, kMd, kCapacity, kAux);
   for (int64_t b = 0; b < kRows; ++b) {
     for (int64_t j = 0; j < kMd; ++j) {
-      ex.x()[b][j] = Value(rank, b, j, 1);
       ex.gmain()[b][j] = Value(rank, b, j, 2);
       ex.gaux()[b][j] = Value(rank, b, j, 3);
     }
@@ -85,14 +84,14 @@ int main(int argc, char** argv) {
   std::string bad;
   // Every rank's tokens, in rank order, at the rows the gathered codes name.
   std::vector<float> bias(kMd, 0.f);
-  int64_t token_row = 0;  // the gathered row of token (r, b), found by its x values
+  int64_t token_row = 0;  // the gathered row of token (r, b), found by its gmain values
   const auto& rp = ex.codes().row_ptr;
   for (int r = 0; r < world; ++r) {
     const SparseCodes want = MainCodes(r, skew), want_aux = AuxCodes(r);
     for (int64_t b = 0; b < kRows; ++b) {
       // Rows between ranks' tokens are padding: skip to the row holding token (r, b).
       while (token_row + 1 < static_cast<int64_t>(rp.size()) &&
-             ex.x_rows()[token_row * kMd] != Value(r, b, 0, 1)) {
+             ex.gmain_rows()[token_row * kMd] != Value(r, b, 0, 2)) {
         ++token_row;
       }
       if (token_row + 1 >= static_cast<int64_t>(rp.size())) {
@@ -100,10 +99,13 @@ int main(int argc, char** argv) {
         break;
       }
       for (int64_t j = 0; j < kMd; ++j) {
-        if (ex.x_rows()[token_row * kMd + j] != Value(r, b, j, 1)) bad += "x; ";
         if (ex.gmain_rows()[token_row * kMd + j] != Value(r, b, j, 2)) bad += "gmain; ";
         if (aux && ex.gaux_rows()[token_row * kMd + j] != Value(r, b, j, 3)) bad += "gaux; ";
         bias[j] += Value(r, b, j, 2);
+      }
+      // The token's row of the global batch (where every rank reads x).
+      if (ex.XRows()(token_row) != r * kRows + b) {
+        bad += absl::StrCat("token (", r, ",", b, ") maps to x row ", ex.XRows()(token_row), "; ");
       }
       const int64_t n = want.row_ptr[b + 1] - want.row_ptr[b];
       if (rp[token_row + 1] - rp[token_row] != n) {
