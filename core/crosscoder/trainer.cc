@@ -265,10 +265,10 @@ absl::Status Trainer::StepBatchTopK(int64_t step, bool want_stats, StepSums* sum
   // A fraction of the previous step's threshold bounds this step's candidates (one visit of
   // `pre`); when the threshold drops further in one step the exact full selection runs instead.
   // Several ranks agree on the threshold in one all-gather of their candidates' keys (room for
-  // four times a rank's share of the batch's entries; more falls back to the exact selection).
+  // three times a rank's share of the batch's entries; more falls back to the exact selection).
   kernels::KeyExchange keys;
   if (distributed()) {
-    keys.capacity = 4 * internal::KAt(o_, step) * Bl;
+    keys.capacity = 3 * internal::KAt(o_, step) * Bl;
     keys.all_gather = [this](const std::vector<uint32_t>& mine,
                              std::vector<uint32_t>* all) -> absl::Status {
       all->resize(mine.size() * world_);

@@ -122,7 +122,7 @@ int64_t KAt(const TrainOptions& o, int64_t step);
 at::Tensor PerModelSquaredError(const at::Tensor& err, int64_t M, int64_t d);
 
 // The guess SelectAndGather collects candidates above: a fraction of the previous step's
-// threshold, the fraction tuned so that the candidates stay between 1.25 and 3 times the entries
+// threshold, the fraction tuned so that the candidates stay between 1.15 and 2 times the entries
 // selected (fewer risks the exact fallback, more costs memory and exchange). Only global counts
 // drive it, so it is identical on every rank. It changes speed, never the selection.
 class SelectionGuess {
@@ -132,9 +132,9 @@ class SelectionGuess {
     if (sel.candidates >= 0) {
       if (sel.candidates < kth) {
         gap_ = std::min(0.5, gap_ * 2);
-      } else if (sel.candidates > 3 * kth) {
-        gap_ = std::max(0.002, gap_ * 0.5);
-      } else if (4 * sel.candidates < 5 * kth) {
+      } else if (sel.candidates > 2 * kth) {
+        gap_ = std::max(0.002, gap_ * 0.7);
+      } else if (20 * sel.candidates < 23 * kth) {
         gap_ = std::min(0.5, gap_ * 1.25);
       }
     }

@@ -2,6 +2,7 @@
 // request gives the codes of a brute-force batch-level top-k, and the chunks are computed as often
 // as documented (once when the guess holds, again on the exact fallback).
 #include "core/crosscoder/sparse_kernels.h"
+#include "core/crosscoder/training_common.h"
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
@@ -170,6 +171,30 @@ TEST(SparseBackwardTest, RowSquaredNormsAreThoseOfTheGradientRows) {
                      g_benc.to(at::kDouble).pow(2));
   for (int64_t i = 0; i < kF; ++i) EXPECT_NEAR(row_sq[i], want[i].item<double>(), 1e-9) << i;
   EXPECT_GT(want.sum().item<double>(), 0);
+}
+
+TEST(SelectionGuessTest, KeepsTheCandidatesNearTheSelectedEntries) {
+  internal::SelectionGuess g;
+  EXPECT_EQ(g.guess(), 0.f);  // no threshold yet: the exact selection
+  Selection sel;
+  sel.threshold = 2.f;
+  sel.candidates = -1;  // that first selection had no guess
+  g.Update(sel, 100);
+  const double gap0 = g.gap();
+  EXPECT_FLOAT_EQ(g.guess(), static_cast<float>(2.0 * (1 - gap0)));
+  sel.candidates = 500;  // far too many: tighten
+  g.Update(sel, 100);
+  EXPECT_LT(g.gap(), gap0);
+  const double tight = g.gap();
+  sel.candidates = 150;  // within [1.15, 2] x kth: keep
+  g.Update(sel, 100);
+  EXPECT_EQ(g.gap(), tight);
+  sel.candidates = 90;  // fell short (the exact fallback ran): loosen quickly
+  g.Update(sel, 100);
+  EXPECT_EQ(g.gap(), 2 * tight);
+  sel.keep_all_positive = true;  // every positive score kept: no threshold to guess from
+  g.Update(sel, 100);
+  EXPECT_EQ(g.guess(), 0.f);
 }
 
 TEST(SegmentSquaredNormsTest, MatchesASum) {
