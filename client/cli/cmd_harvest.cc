@@ -1,6 +1,7 @@
 // `crossdiff harvest`: paired activation harvest into an activation store (DESIGN.md 3.1, 3.2).
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <memory>
 #include <optional>
@@ -112,6 +113,8 @@ int RunHarvest(int argc, char** argv) {
     return 1;
   }
   if (world_size > 1) {
+    // Rank 0's loop plus its wait for the slowest rank: the span every rank's rows took.
+    const auto barrier_start = std::chrono::steady_clock::now();
     if (absl::Status st = (*comm)->Barrier(); !st.ok()) {
       std::fprintf(stderr, "error: waiting for the other ranks: %s\n",
                    std::string(st.message()).c_str());
@@ -123,12 +126,15 @@ int RunHarvest(int argc, char** argv) {
       std::fprintf(stderr, "error: %s\n", std::string(merged.status().message()).c_str());
       return 1;
     }
+    const double span =
+        result->seconds +
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - barrier_start).count();
     std::printf(
         "wrote %lld rows (layer %d, d_model %lld, %s) in %zu shards from %d ranks to %s: "
-        "rank 0 %.0f tokens/s\n",
+        "%.0f tokens/s over all ranks (rank 0 %.0f tokens/s)\n",
         static_cast<long long>(merged->rows), o.layer, static_cast<long long>(merged->d_model),
         o.dtype.c_str(), merged->shards.size(), world_size, o.out_dir.c_str(),
-        result->rows_per_second);
+        span > 0 ? static_cast<double>(merged->rows) / span : 0.0, result->rows_per_second);
     return 0;
   }
   std::printf("wrote %lld rows (layer %d, d_model %lld, %s) in %zu shards to %s: %.0f tokens/s\n",

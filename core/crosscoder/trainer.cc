@@ -313,8 +313,9 @@ absl::Status Trainer::StepBatchTopK(int64_t step, bool want_stats, StepSums* sum
   sums->nnz += static_cast<double>(codes_.nnz());
   // Backward: gradients into the flat buffer [g_enc | g_dec | g_benc | g_bdec].
   if (exchanges_factors()) {
-    // Every rank computes the global batch's gradients from every rank's factors (x_, err and
-    // gaux_ are the exchange's send rows).
+    // Every rank computes the global batch's gradients from the whole batch's x (every rank read
+    // it) and every rank's dL/dxhat, AuxK gradient and codes (err and gaux_ are the exchange's
+    // send rows).
     internal::ScaleToOutputGradient(err, row_scale, M_, d_);
     RETURN_IF_ERROR(exchange_.Exchange(*comm_, codes_, use_aux, use_aux ? &aux_codes_ : nullptr));
     internal::BatchTopKGradients(exchange_.codes(), use_aux ? &exchange_.aux_codes() : nullptr,

@@ -99,6 +99,7 @@ TEST_F(HarvestCliTest, NprocTwoWritesTheSingleProcessStore) {
       Args("--layer 1 --out " + dir_ + "/two --nproc 2 --rows-per-shard 16 --threads 1"), dir_);
   ASSERT_EQ(two.exit_code, 0) << two.err;
   EXPECT_THAT(two.out, HasSubstr("from 2 ranks"));
+  EXPECT_THAT(two.out, HasSubstr("tokens/s over all ranks (rank 0 "));
   auto a = activations::StoreReader::Open(dir_ + "/one");
   auto b = activations::StoreReader::Open(dir_ + "/two");
   ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
