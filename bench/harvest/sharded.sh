@@ -3,7 +3,8 @@
 # 1 process x 1 thread on the same data, layer 4 of a generated Llama-shaped pair (hidden 512,
 # 8 layers, vocab 8192, seq 256). Prints the wall-clock tokens/s of each whole command (model
 # loading, rendezvous and the merge of the parts included) and their ratio, and the steady rates the
-# harvests report (1 process; rank 0 of 2, times 2), REPEATS times, alternated.
+# harvests report (1 process; the 2-process run's rate over all ranks, from the start of rank 0's
+# loop to the end of the slowest rank's), REPEATS times, alternated.
 #
 #   bench/harvest/sharded.sh [BUILD_DIR]       (env: TOKENS=65536 REPEATS=2)
 set -euo pipefail
@@ -18,7 +19,7 @@ trap 'rm -rf "$WORK"' EXIT
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 /usr/bin/python3 "$HERE/make_checkpoint.py" --out "$WORK/m" --sequences $(( (TOKENS + 255) / 256 ))
 M="$WORK/m"
-run() {  # nproc -> "wall_seconds reported_tokens_per_second" (rank 0's with --nproc 2)
+run() {  # nproc -> "wall_seconds reported_tokens_per_second" (over all ranks with --nproc 2)
   local out="$WORK/s$1" t0 t1 line
   rm -rf "$out"
   t0=$(date +%s.%N)
@@ -27,13 +28,13 @@ run() {  # nproc -> "wall_seconds reported_tokens_per_second" (rank 0's with --n
     --nproc "$1" --quiet 2>&1 | grep "tokens/s" | tail -1)
   t1=$(date +%s.%N)
   awk -v a="$t0" -v b="$t1" -v l="$line" 'BEGIN{
-    n = split(l, w, " "); r = 0; for (i = 2; i <= n; ++i) if (w[i] == "tokens/s") r = w[i - 1];
+    n = split(l, w, " "); r = 0; for (i = 2; i <= n; ++i) if (w[i] == "tokens/s" && r == 0) r = w[i - 1];
     printf "%.3f %s", b - a, r }'
 }
 for rep in $(seq 1 "$REPEATS"); do
   read -r one one_rate <<<"$(run 1)"
-  read -r two rank0_rate <<<"$(run 2)"
-  awk -v n="$TOKENS" -v a="$one" -v b="$two" -v r1="$one_rate" -v r0="$rank0_rate" 'BEGIN{
+  read -r two all_rate <<<"$(run 2)"
+  awk -v n="$TOKENS" -v a="$one" -v b="$two" -v r1="$one_rate" -v r2="$all_rate" 'BEGIN{
     printf "run %d, %d tokens: wall 1 x 1 thread %.0f tokens/s, 2 x 1 thread %.0f tokens/s: %.2fx;", '"$rep"', n, n / a, n / b, a / b
-    printf " steady 1 process %.0f tokens/s, 2 x rank 0 %.0f tokens/s: %.2fx\n", r1, 2 * r0, 2 * r0 / r1 }'
+    printf " steady 1 process %.0f tokens/s, 2 processes %.0f tokens/s: %.2fx\n", r1, r2, r2 / r1 }'
 done
