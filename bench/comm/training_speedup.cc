@@ -3,7 +3,7 @@
 // (d = 512 per model, 2 models, dict 8192) trained on random low-rank activations.
 //
 //   bench_comm_training [--arch batch-topk|relu-l1] [--d 512] [--dict-size 8192] [--batch 1024]
-//                       [--steps 20] [--k 32]
+//                       [--steps 20] [--k 32] [--rounds 1]
 //
 // Prints, per configuration, tokens/s (training steps after warm-up, as train_metrics.json),
 // the speed-up over one process, the bytes each rank sends per step (ring model, see
@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <map>
 #include <string>
@@ -98,6 +99,11 @@ int main(int argc, char** argv) {
   int64_t& batch = cl.AddInt("batch", 1024, "global batch (tokens per step)");
   int64_t& steps = cl.AddInt("steps", 20, "steps per configuration (the first 10% are warm-up)");
   int64_t& k = cl.AddInt("k", 32, "BatchTopK k");
+  int64_t& rounds =
+      cl.AddInt("rounds", 1,
+                "times to run the configurations, interleaved; with more than one the "
+                "median speedup of each is printed (each round against its own 1 "
+                "process run: the machine's speed drifts)");
   std::string& role = cl.AddString("role", "", "internal: 'rank' for the started processes");
   std::string& sharding = cl.AddString("sharding", "data", "internal: data or latent");
   std::string& out = cl.AddString("out", "", "scratch directory (default: a temporary one)");
@@ -121,58 +127,76 @@ int main(int argc, char** argv) {
       static_cast<long long>(batch), static_cast<long long>(steps));
   std::printf("%-24s %12s %9s %16s %18s\n", "configuration", "tokens/s", "speedup",
               "bytes/step/rank", "state MiB/rank");
-  double base = 0;
-  for (const Config& cfg : {Config{1, "data"}, Config{2, "data"}, Config{2, "latent"}}) {
-    crossdiff::comm::LocalLaunchSpec spec;
-    spec.executable = exe;
-    spec.args = {"--role",
-                 "rank",
-                 "--sharding",
-                 cfg.sharding,
-                 "--arch",
-                 arch,
-                 "--d",
-                 std::to_string(d),
-                 "--dict-size",
-                 std::to_string(dict),
-                 "--batch",
-                 std::to_string(batch),
-                 "--steps",
-                 std::to_string(steps),
-                 "--k",
-                 std::to_string(k),
-                 "--out",
-                 scratch,
-                 "--comm-timeout",
-                 "600"};
-    spec.nproc = cfg.nproc;
-    std::map<std::string, double> values;
-    std::string errors;
-    spec.on_line = [&](int rank, bool is_stderr, const std::string& line) {
-      if (!is_stderr && line.rfind("RESULT ", 0) == 0) {
-        for (absl::string_view kv : absl::StrSplit(line.substr(7), ' ')) {
-          std::vector<std::string> p = absl::StrSplit(kv, '=');
-          double v = 0;
-          if (p.size() == 2 && absl::SimpleAtod(p[1], &v)) values[p[0]] = v;
+  std::map<std::string, std::vector<double>> speedups;
+  std::vector<std::string> order;
+  for (int64_t round = 0; round < std::max<int64_t>(1, rounds); ++round) {
+    double base = 0;
+    for (const Config& cfg : {Config{1, "data"}, Config{2, "data"}, Config{2, "latent"}}) {
+      crossdiff::comm::LocalLaunchSpec spec;
+      spec.executable = exe;
+      spec.args = {"--role",
+                   "rank",
+                   "--sharding",
+                   cfg.sharding,
+                   "--arch",
+                   arch,
+                   "--d",
+                   std::to_string(d),
+                   "--dict-size",
+                   std::to_string(dict),
+                   "--batch",
+                   std::to_string(batch),
+                   "--steps",
+                   std::to_string(steps),
+                   "--k",
+                   std::to_string(k),
+                   "--out",
+                   scratch,
+                   "--comm-timeout",
+                   "600"};
+      spec.nproc = cfg.nproc;
+      std::map<std::string, double> values;
+      std::string errors;
+      spec.on_line = [&](int rank, bool is_stderr, const std::string& line) {
+        if (!is_stderr && line.rfind("RESULT ", 0) == 0) {
+          for (absl::string_view kv : absl::StrSplit(line.substr(7), ' ')) {
+            std::vector<std::string> p = absl::StrSplit(kv, '=');
+            double v = 0;
+            if (p.size() == 2 && absl::SimpleAtod(p[1], &v)) values[p[0]] = v;
+          }
+        } else if (line.find("error") != std::string::npos) {
+          errors += "[rank " + std::to_string(rank) + "] " + line + "\n";
         }
-      } else if (line.find("error") != std::string::npos) {
-        errors += "[rank " + std::to_string(rank) + "] " + line + "\n";
+      };
+      auto result = crossdiff::comm::RunLocalRanks(spec);
+      const std::string name = std::to_string(cfg.nproc) + " proc, " +
+                               (cfg.sharding == "data" ? "data-parallel" : "latent-sharded");
+      if (!result.ok() || result->failed_rank >= 0 || values.empty()) {
+        std::printf("%-24s failed: %s\n%s", name.c_str(),
+                    result.ok() ? result->failure.c_str() : result.status().ToString().c_str(),
+                    errors.c_str());
+        continue;
       }
-    };
-    auto result = crossdiff::comm::RunLocalRanks(spec);
-    const std::string name = std::to_string(cfg.nproc) + " proc, " +
-                             (cfg.sharding == "data" ? "data-parallel" : "latent-sharded");
-    if (!result.ok() || result->failed_rank >= 0 || values.empty()) {
-      std::printf("%-24s failed: %s\n%s", name.c_str(),
-                  result.ok() ? result->failure.c_str() : result.status().ToString().c_str(),
-                  errors.c_str());
-      continue;
+      const double tps = values["tokens_per_second"];
+      if (cfg.nproc == 1) base = tps;
+      std::printf("%-24s %12.1f %8.2fx %16.0f %18.1f\n", name.c_str(), tps,
+                  base > 0 ? tps / base : 0, values["bytes_per_step"],
+                  values["state_bytes"] / (1 << 20));
+      std::fflush(stdout);
+      if (speedups.find(name) == speedups.end()) order.push_back(name);
+      if (base > 0) speedups[name].push_back(tps / base);
     }
-    const double tps = values["tokens_per_second"];
-    if (cfg.nproc == 1) base = tps;
-    std::printf("%-24s %12.1f %8.2fx %16.0f %18.1f\n", name.c_str(), tps, base > 0 ? tps / base : 0,
-                values["bytes_per_step"], values["state_bytes"] / (1 << 20));
-    std::fflush(stdout);
+  }
+  if (rounds > 1) {
+    for (const std::string& name : order) {
+      std::vector<double> v = speedups[name];
+      if (v.empty()) continue;
+      std::sort(v.begin(), v.end());
+      const double median =
+          v.size() % 2 == 1 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+      std::printf("median of %zu rounds: %-24s %.2fx (%.2f-%.2fx)\n", v.size(), name.c_str(),
+                  median, v.front(), v.back());
+    }
   }
   std::string cleanup = "rm -rf '" + scratch + "'";
   if (out.empty()) (void)!system(cleanup.c_str());
