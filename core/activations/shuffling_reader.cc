@@ -181,7 +181,7 @@ int64_t ShufflingReader::RowAt(int64_t p) {
   return window_rows_[p - window_start_[window]];
 }
 
-void ShufflingReader::NextRange(int64_t* lo, int64_t* hi) {
+void ShufflingReader::NextBatchRows() {
   if (cursor_.batch >= batches_per_epoch_) {
     ++cursor_.epoch;
     cursor_.batch = 0;
@@ -193,31 +193,27 @@ void ShufflingReader::NextRange(int64_t* lo, int64_t* hi) {
   const int64_t r = options_.rank;
   const int64_t start = cursor_.batch * B * W;
   const int64_t size = std::min(B * W, L - start);
+  int64_t lo, hi;
   if (size == B * W) {
-    *lo = start + r * B;
-    *hi = *lo + B;
+    lo = start + r * B;
+    hi = lo + B;
   } else {  // the final partial batch (drop_last = false), split evenly over the ranks
-    *lo = start + size * r / W;
-    *hi = start + size * (r + 1) / W;
+    lo = start + size * r / W;
+    hi = start + size * (r + 1) / W;
   }
+  batch_rows_.clear();
+  for (int64_t p = lo; p < hi; ++p) batch_rows_.push_back(RowAt(p));
 }
 
 absl::StatusOr<ActivationBatch> ShufflingReader::Next() {
-  int64_t lo, hi;
-  NextRange(&lo, &hi);
-  std::vector<int64_t> rows;
-  rows.reserve(static_cast<size_t>(hi - lo));
-  for (int64_t p = lo; p < hi; ++p) rows.push_back(RowAt(p));
-  ASSIGN_OR_RETURN(ActivationBatch batch, store_->GatherRows(rows, options_.as_float));
+  NextBatchRows();
+  ASSIGN_OR_RETURN(ActivationBatch batch, store_->GatherRows(batch_rows_, options_.as_float));
   ++cursor_.batch;
   return batch;
 }
 
 absl::Status ShufflingReader::NextActivations(float* out) {
-  int64_t lo, hi;
-  NextRange(&lo, &hi);
-  batch_rows_.clear();
-  for (int64_t p = lo; p < hi; ++p) batch_rows_.push_back(RowAt(p));
+  NextBatchRows();
   RETURN_IF_ERROR(store_->GatherActivations(batch_rows_, out));
   ++cursor_.batch;
   return absl::OkStatus();

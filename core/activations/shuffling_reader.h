@@ -99,8 +99,9 @@ class ShufflingReader {
   void PlanEpoch(int64_t epoch);
   // Makes `window` of the planned epoch current (its shuffled global row ids).
   void LoadWindow(int64_t window);
-  // Stream positions [lo, hi) of this rank's next batch (advancing the epoch when it is done).
-  void NextRange(int64_t* lo, int64_t* hi);
+  // The global row ids of this rank's next batch into batch_rows_ (advancing the epoch when it is
+  // done; the cursor moves once the rows are read).
+  void NextBatchRows();
   // Global row id of stream position `p` of the planned epoch.
   int64_t RowAt(int64_t p);
 
@@ -120,7 +121,7 @@ class ShufflingReader {
   std::vector<int64_t> window_start_;  // stream position of each window's first row, then L
   int64_t current_window_ = -1;
   std::vector<int64_t> window_rows_;  // shuffled global row ids of the current window
-  std::vector<int64_t> batch_rows_;   // NextActivations' row ids (reused)
+  std::vector<int64_t> batch_rows_;   // the next batch's row ids (reused)
 };
 
 }  // namespace crossdiff::activations

@@ -345,14 +345,19 @@ absl::StatusOr<ActivationBatch> StoreReader::ReadRows(int64_t begin, int64_t end
   });
 }
 
-absl::StatusOr<ActivationBatch> StoreReader::GatherRows(const std::vector<int64_t>& rows,
-                                                        bool as_float) const {
+absl::Status StoreReader::CheckRowIndices(const std::vector<int64_t>& rows) const {
   for (int64_t r : rows) {
     if (r < 0 || r >= this->rows()) {
       return absl::OutOfRangeError(
           absl::StrCat(dir_, ": row ", r, " out of range [0, ", this->rows(), ")"));
     }
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ActivationBatch> StoreReader::GatherRows(const std::vector<int64_t>& rows,
+                                                        bool as_float) const {
+  RETURN_IF_ERROR(CheckRowIndices(rows));
   return GuardTorch(dir_, [&]() -> absl::StatusOr<ActivationBatch> {
     const int64_t n = static_cast<int64_t>(rows.size());
     ActivationBatch out = UninitializedBatch(n);
@@ -378,12 +383,7 @@ absl::StatusOr<ActivationBatch> StoreReader::GatherRows(const std::vector<int64_
 }
 
 absl::Status StoreReader::GatherActivations(const std::vector<int64_t>& rows, float* out) const {
-  for (int64_t r : rows) {
-    if (r < 0 || r >= this->rows()) {
-      return absl::OutOfRangeError(
-          absl::StrCat(dir_, ": row ", r, " out of range [0, ", this->rows(), ")"));
-    }
-  }
+  RETURN_IF_ERROR(CheckRowIndices(rows));
   const int64_t width = manifest_.n_models() * manifest_.d_model;
   const bool bf16 = StoreDType(manifest_.dtype) == DType::kBF16;
   for (size_t i = 0; i < rows.size(); ++i) {

@@ -133,6 +133,8 @@ class StoreReader {
 
   // Shard holding global row `row` (0 <= row < rows()).
   int64_t ShardOf(int64_t row) const;
+  // OUT_OF_RANGE naming the first row outside [0, rows()).
+  absl::Status CheckRowIndices(const std::vector<int64_t>& rows) const;
   // A batch of `n` rows in the store's dtype, to be filled by ReadRows / GatherRows.
   ActivationBatch UninitializedBatch(int64_t n) const;
   // Calls fn(file, from, to) with the activation bytes of rows [begin, end) in each shard they span

@@ -335,8 +335,8 @@ class Launcher {
   std::vector<Child> children_;
   std::vector<OutputPipe> pipes_;
   int port_fd_ = -1;
-  std::vector<int>
-      port_out_fds_;  // write ends of ranks 1..N-1's port pipes, until the port is sent
+  // Write ends of ranks 1..N-1's port pipes, until the port is sent.
+  std::vector<int> port_out_fds_;
   std::string port_text_;
   int port_ = 0;
   Clock::time_point port_deadline_;

@@ -398,10 +398,9 @@ struct KthKey {
 // carries [ranks guessing, candidates, the first histogram (top 11 bits)], two more resolve the
 // lower bits. nullopt (on every rank alike) when some rank had no guess or the candidates fall
 // short of kth.
-absl::StatusOr<KthKey> KthKeyByRadix(const CandidateLists& cand, int64_t tasks,
-                                                      const float* w, int64_t kth, bool guessing,
-                                                      int64_t count,
-                                                      const AllReduceI64& allreduce) {
+absl::StatusOr<KthKey> KthKeyByRadix(const CandidateLists& cand, int64_t tasks, const float* w,
+                                     int64_t kth, bool guessing, int64_t count,
+                                     const AllReduceI64& allreduce) {
   std::vector<int64_t> agg(2 + 2048, 0);
   agg[0] = guessing ? 0 : 1;  // ranks without a guess
   agg[1] = count;
@@ -444,11 +443,9 @@ absl::StatusOr<KthKey> KthKeyByRadix(const CandidateLists& cand, int64_t tasks,
 // [candidates, no guess, keys...]), each rank then selecting among all of them itself. nullopt
 // (on every rank alike) when some rank had no guess or more candidates than the capacity, or the
 // candidates fall short of kth.
-absl::StatusOr<KthKey> KthKeyFromGatheredKeys(const CandidateLists& cand,
-                                                               int64_t tasks, const float* w,
-                                                               int64_t kth, bool guessing,
-                                                               int64_t count,
-                                                               const KeyExchange& keys) {
+absl::StatusOr<KthKey> KthKeyFromGatheredKeys(const CandidateLists& cand, int64_t tasks,
+                                              const float* w, int64_t kth, bool guessing,
+                                              int64_t count, const KeyExchange& keys) {
   const int64_t cap = keys.capacity;
   static thread_local std::vector<uint32_t> block, all;
   block.assign(2 + cap, 0);

@@ -79,8 +79,8 @@ void BatchTopKBackward(const kernels::SparseCodes& codes, const kernels::SparseC
 void ScaleToOutputGradient(at::Tensor& err, const at::Tensor& row_scale, int64_t M, int64_t d);
 // BatchTopKBackward's encoder, decoder and encoder-bias gradients (not the decoder bias's) from
 // rows of x and of dL/dxhat gmain (already scaled), token t's at x + x_rows(t)*M*d and
-// gmain + t*M*d. latent_sq (optional) receives each latent's squared gradient norm (kernels::SparseBackward's
-// row_sq): their sum plus the decoder bias's is the gradient norm.
+// gmain + t*M*d. latent_sq (optional) receives each latent's squared gradient norm
+// (kernels::SparseBackward's row_sq): their sum plus the decoder bias's is the gradient norm.
 void BatchTopKGradients(const kernels::SparseCodes& codes, const kernels::SparseCodes* aux_codes,
                         const float* x, const float* gmain, const float* gaux,
                         const at::Tensor& dec, int64_t n, int64_t M, int64_t d,
