@@ -125,6 +125,7 @@ int Train(int argc, char** argv) {
   o.metrics_every = steps;
   o.shuffle_buffer_rows = shuffle;
   o.normalization_rows = 8192;
+  o.observe_batch = false;  // a copy of the batch would count against the memory figure
   int64_t peak_anon_kb = 0, peak_rss_kb = 0, nnz_sum = 0, observed = 0, d_model = 0;
   // Steps 10 .. last, measured between the same point of consecutive steps: wall and CPU time (the
   // CPU figure is the fairer one on a machine shared with other work).
@@ -144,7 +145,8 @@ int Train(int argc, char** argv) {
     peak_rss_kb = std::max(peak_rss_kb, StatusKb("VmRSS"));
     nnz_sum += obs.nnz;
     ++observed;
-    d_model = obs.x.size(1) / 2;
+    // Flat parameters: 2 * F * Md + F + Md.
+    d_model = (obs.params.numel() - dict) / (2 * dict + 1) / 2;
   };
   auto r = crosscoder::RunTraining(o, nullptr, nullptr);
   if (!r.ok()) {

@@ -116,6 +116,214 @@ void DecodeRows(const SparseCodes& c, const float* dec, int64_t Md, const float*
   }
 }
 
+CROSSDIFF_VECTOR_CLONES float SegmentSquaredNorm(const float* __restrict x, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += x[j] * x[j];
+  return s;
+}
+
+// InPlaceBackward's kernels: row helpers inlined into drivers that each get the vector clones.
+
+#if defined(__GNUC__)
+#define CROSSDIFF_INLINE inline __attribute__((always_inline))
+#else
+#define CROSSDIFF_INLINE inline
+#endif
+
+CROSSDIFF_INLINE float Dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+CROSSDIFF_INLINE float SquaredSum(const float* __restrict x, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += x[j] * x[j];
+  return s;
+}
+
+CROSSDIFF_INLINE double SquaredSumDouble(const float* __restrict x, int64_t n) {
+  double s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += static_cast<double>(x[j]) * x[j];
+  return s;
+}
+
+// y += a * x
+CROSSDIFF_INLINE void Axpy(float a, const float* __restrict x, int64_t n, float* __restrict y) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
+}
+
+// y (+)= sum_e value[e] * dec[latent[e]] over row b's entries; y = bias + ... unless `add`.
+CROSSDIFF_INLINE void DecodeRow(const SparseCodes& c, int64_t b, const float* dec, int64_t Md,
+                                const float* bias, bool add, float* __restrict y) {
+  if (!add) {
+    if (bias != nullptr) {
+      std::memcpy(y, bias, sizeof(float) * Md);
+    } else {
+      std::memset(y, 0, sizeof(float) * Md);
+    }
+  }
+  for (int64_t e = c.row_ptr[b]; e < c.row_ptr[b + 1]; ++e) {
+    Axpy(c.value[e], dec + static_cast<int64_t>(c.latent[e]) * Md, Md, y);
+  }
+}
+
+struct InPlaceForwardArgs {
+  const SparseCodes* main;
+  const SparseCodes* aux;
+  const float* dec;
+  const float* b_dec;
+  const float* x;
+  int64_t B, M, d, group_rows;
+  bool l2;
+  double bm;
+  float* e2;
+  float* scale;
+  float* gp_main;
+  float* gp_aux;
+  double* aux_sums;  // per group: sum of err [M*d], then ||fit||^2
+};
+
+// Groups [g0, g1) of rows: err = xhat - x and fit = err + AuxK's reconstruction, one row at a time
+// in the scratch rows `err` and `fit` ([M*d] each).
+CROSSDIFF_VECTOR_CLONES
+void InPlaceForwardRows(const InPlaceForwardArgs& a, int64_t g0, int64_t g1, float* __restrict err,
+                        float* __restrict fit) {
+  const int64_t M = a.M, d = a.d, Md = M * d;
+  const SparseCodes& main = *a.main;
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int64_t b = g * a.group_rows; b < std::min(a.B, (g + 1) * a.group_rows); ++b) {
+      DecodeRow(main, b, a.dec, Md, a.b_dec, false, err);
+      const float* __restrict xb = a.x + b * Md;
+#pragma omp simd
+      for (int64_t j = 0; j < Md; ++j) err[j] -= xb[j];
+      for (int64_t m = 0; m < M; ++m) {
+        a.e2[b * M + m] = SquaredSum(err + m * d, d);
+        a.scale[b * M + m] = LossRowScale(a.l2, a.e2[b * M + m], a.bm);
+      }
+      for (int64_t e = main.row_ptr[b]; e < main.row_ptr[b + 1]; ++e) {
+        const float* di = a.dec + static_cast<int64_t>(main.latent[e]) * Md;
+        float gp = 0.f;
+        for (int64_t m = 0; m < M; ++m) gp += a.scale[b * M + m] * Dot(err + m * d, di + m * d, d);
+        a.gp_main[e] = gp;
+      }
+      if (a.aux == nullptr) continue;
+      // AuxK fits the residual x - xhat = -err: its gradient is 2 alpha (fit + err) / denom.
+      double* __restrict sums = a.aux_sums + g * (Md + 1);
+#pragma omp simd
+      for (int64_t j = 0; j < Md; ++j) sums[j] += err[j];
+      std::memcpy(fit, err, sizeof(float) * Md);
+      DecodeRow(*a.aux, b, a.dec, Md, nullptr, true, fit);
+      sums[Md] += SquaredSumDouble(fit, Md);
+      for (int64_t e = a.aux->row_ptr[b]; e < a.aux->row_ptr[b + 1]; ++e) {
+        a.gp_aux[e] = Dot(fit, a.dec + static_cast<int64_t>(a.aux->latent[e]) * Md, Md);
+      }
+    }
+  }
+}
+
+// g_enc[i] = sum_e gp_e * x[token_e], g_benc[i] = sum_e gp_e; row_sq[i] = their squared norm.
+CROSSDIFF_VECTOR_CLONES
+void InPlaceEncoderRows(const LatentEntries& le, const float* gp_main, const float* gp_aux,
+                        float aux_scale, const float* x, int64_t Md, float* g_enc, float* g_benc,
+                        double* row_sq, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {
+    float* __restrict ge = g_enc + i * Md;
+    std::memset(ge, 0, sizeof(float) * Md);
+    float gb = 0.f;
+    for (int64_t e = le.ptr[i]; e < le.ptr[i + 1]; ++e) {
+      const float gp = le.source[e] ? gp_aux[le.index[e]] * aux_scale : gp_main[le.index[e]];
+      Axpy(gp, x + static_cast<int64_t>(le.token[e]) * Md, Md, ge);
+      gb += gp;
+    }
+    g_benc[i] = gb;
+    if (row_sq != nullptr) row_sq[i] = static_cast<double>(gb) * gb + SquaredSumDouble(ge, Md);
+  }
+}
+
+// x[b] := (b_dec + sum_e value_e * dec[latent_e]) - x[b], through the scratch row `row`.
+CROSSDIFF_VECTOR_CLONES
+void InPlaceResidualRows(const SparseCodes& c, const float* dec, const float* b_dec, int64_t Md,
+                         float* x, float* __restrict row, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    DecodeRow(c, b, dec, Md, b_dec, false, row);
+    float* __restrict xb = x + b * Md;
+#pragma omp simd
+    for (int64_t j = 0; j < Md; ++j) xb[j] = row[j] - xb[j];
+  }
+}
+
+CROSSDIFF_VECTOR_CLONES
+void InPlaceAddDecodedRows(const SparseCodes& c, const float* dec, int64_t Md, float* x, int64_t b0,
+                           int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) DecodeRow(c, b, dec, Md, nullptr, true, x + b * Md);
+}
+
+// g_bdec[j] = sum_b scale[b, j / d] * x[b, j] for columns [j0, j1), in row order (acc: j1 - j0).
+CROSSDIFF_VECTOR_CLONES
+void InPlaceDecoderBias(const float* x, const float* scale, int64_t B, int64_t M, int64_t d,
+                        double* __restrict acc, float* g_bdec, int64_t j0, int64_t j1) {
+  const int64_t Md = M * d;
+  std::fill(acc, acc + (j1 - j0), 0.0);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = j0; j < j1;) {  // the columns of each model's segment in [j0, j1)
+      const int64_t m = j / d, end = std::min(j1, (m + 1) * d);
+      const float s = scale[b * M + m];
+      const float* __restrict xb = x + b * Md;
+#pragma omp simd
+      for (int64_t c = j; c < end; ++c) acc[c - j0] += s * xb[c];
+      j = end;
+    }
+  }
+  for (int64_t j = j0; j < j1; ++j) g_bdec[j] = static_cast<float>(acc[j - j0]);
+}
+
+// Decoder rows from the main entries, x holding the residual: g_dec[i] = sum_e value_e *
+// scale[token_e, m] * x[token_e, m]; row_sq[i] += ||g_dec[i]||^2 unless AuxK adds to the row.
+CROSSDIFF_VECTOR_CLONES
+void InPlaceDecoderRows(const LatentEntries& le, const float* scale, const float* x, int64_t M,
+                        int64_t d, float* g_dec, double* row_sq, int64_t i0, int64_t i1) {
+  const int64_t Md = M * d;
+  for (int64_t i = i0; i < i1; ++i) {
+    float* __restrict gd = g_dec + i * Md;
+    std::memset(gd, 0, sizeof(float) * Md);
+    int64_t e = le.ptr[i];
+    for (; e < le.ptr[i + 1] && le.source[e] == 0; ++e) {
+      const int64_t b = le.token[e];
+      for (int64_t m = 0; m < M; ++m) {
+        Axpy(le.value[e] * scale[b * M + m], x + b * Md + m * d, d, gd + m * d);
+      }
+    }
+    if (row_sq != nullptr && e == le.ptr[i + 1]) row_sq[i] += SquaredSumDouble(gd, Md);
+  }
+}
+
+// AuxK's share of the decoder rows, x holding fit + err: g_dec[i] += sum_e value_e * aux_scale *
+// x[token_e] over the aux entries; then row_sq[i] += ||g_dec[i]||^2 for the rows it touched.
+CROSSDIFF_VECTOR_CLONES
+void InPlaceAuxDecoderRows(const LatentEntries& le, float aux_scale, const float* x, int64_t Md,
+                           float* g_dec, double* row_sq, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {
+    if (le.ptr[i + 1] == le.ptr[i] || le.source[le.ptr[i + 1] - 1] == 0) continue;
+    float* __restrict gd = g_dec + i * Md;
+    for (int64_t e = le.ptr[i]; e < le.ptr[i + 1]; ++e) {
+      if (le.source[e] != 0) {
+        Axpy(le.value[e] * aux_scale, x + static_cast<int64_t>(le.token[e]) * Md, Md, gd);
+      }
+    }
+    if (row_sq != nullptr) row_sq[i] += SquaredSumDouble(gd, Md);
+  }
+}
+
+}  // namespace
+
+namespace {
+
 CROSSDIFF_VECTOR_CLONES
 void BackwardLatents(const LatentEntries& le, const float* x, const float* g_main,
                      const float* g_aux, const float* dec, int64_t Md, float* g_enc, float* g_dec,
@@ -597,6 +805,7 @@ void BuildLatentEntries(const SparseCodes& main, const SparseCodes* aux, int64_t
   out->token.resize(n);
   out->value.resize(n);
   out->source.resize(n);
+  out->index.resize(n);
   std::vector<int64_t> next(out->ptr.begin(), out->ptr.end() - 1);
   auto add = [&](const SparseCodes& c, uint8_t src) {
     const int64_t B = static_cast<int64_t>(c.row_ptr.size()) - 1;
@@ -606,11 +815,107 @@ void BuildLatentEntries(const SparseCodes& main, const SparseCodes* aux, int64_t
         out->token[pos] = static_cast<int32_t>(b);
         out->value[pos] = c.value[e];
         out->source[pos] = src;
+        out->index[pos] = static_cast<int32_t>(e);
       }
     }
   };
   add(main, 0);
   if (aux != nullptr) add(*aux, 1);
+}
+
+namespace {
+// Rows per group of InPlaceBackward's AuxK sums (a fixed partition: the sums do not depend on
+// the number of threads).
+constexpr int64_t kAuxGroupRows = 64;
+}  // namespace
+
+void InPlaceBackward::Forward(const Problem& p, const float* x) {
+  p_ = p;
+  const int64_t B = static_cast<int64_t>(p.main->row_ptr.size()) - 1, M = p.M, Md = M * p.d;
+  B_ = B;
+  const bool aux = p.aux != nullptr;
+  e2_.resize(B * M);
+  scale_.resize(B * M);
+  gp_main_.resize(p.main->nnz());
+  gp_aux_.resize(aux ? p.aux->nnz() : 0);
+  const int64_t groups = (B + kAuxGroupRows - 1) / kAuxGroupRows;
+  if (aux) aux_sums_.assign(groups * (Md + 1), 0.0);
+  const double bm = static_cast<double>(B * M);
+  const InPlaceForwardArgs args{p.main,
+                                p.aux,
+                                p.dec,
+                                p.b_dec,
+                                x,
+                                B,
+                                M,
+                                p.d,
+                                kAuxGroupRows,
+                                p.l2_loss,
+                                bm,
+                                e2_.data(),
+                                scale_.data(),
+                                gp_main_.data(),
+                                gp_aux_.data(),
+                                aux_sums_.data()};
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<float> rows(2 * Md);
+    InPlaceForwardRows(args, g0, g1, rows.data(), rows.data() + Md);
+  });
+  loss_ = 0;
+  double e2_sum = 0;
+  for (int64_t i = 0; i < B * M; ++i) {
+    loss_ += LossTerm(p.l2_loss, e2_[i]);
+    e2_sum += e2_[i];
+  }
+  loss_ /= bm;
+  aux_loss_ = aux_scale_ = 0;
+  if (aux) {
+    // denom = sum ||e - mean(e)||^2 over the batch.
+    std::vector<double> col(Md, 0.0);
+    double fit_sq = 0;
+    for (int64_t g = 0; g < groups; ++g) {
+      const double* sums = aux_sums_.data() + g * (Md + 1);
+      for (int64_t j = 0; j < Md; ++j) col[j] += sums[j];
+      fit_sq += sums[Md];
+    }
+    double s1 = 0;
+    for (double c : col) s1 += c * c;
+    const double denom = std::max(e2_sum - s1 / static_cast<double>(B), 1e-12);
+    aux_loss_ = fit_sq / denom;
+    aux_scale_ = 2.0 * p.aux_alpha / denom;
+  }
+}
+
+void InPlaceBackward::Backward(float* x, float* g_enc, float* g_dec, float* g_benc, float* g_bdec,
+                               double* row_sq) {
+  const int64_t B = B_, M = p_.M, d = p_.d, Md = M * d, F = p_.F;
+  const float aux_scale = static_cast<float>(aux_scale_);
+  BuildLatentEntries(*p_.main, p_.aux, F, &entries_);
+  // The encoder rows, while x is still the input.
+  at::parallel_for(0, F, 16, [&](int64_t i0, int64_t i1) {
+    InPlaceEncoderRows(entries_, gp_main_.data(), gp_aux_.data(), aux_scale, x, Md, g_enc, g_benc,
+                       row_sq, i0, i1);
+  });
+  // x := xhat - x, decoded again (the operations of Forward: the same residual).
+  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+    std::vector<float> row(Md);
+    InPlaceResidualRows(*p_.main, p_.dec, p_.b_dec, Md, x, row.data(), b0, b1);
+  });
+  at::parallel_for(0, Md, 256, [&](int64_t j0, int64_t j1) {
+    std::vector<double> acc(j1 - j0);
+    InPlaceDecoderBias(x, scale_.data(), B, M, d, acc.data(), g_bdec, j0, j1);
+  });
+  at::parallel_for(0, F, 16, [&](int64_t i0, int64_t i1) {
+    InPlaceDecoderRows(entries_, scale_.data(), x, M, d, g_dec, row_sq, i0, i1);
+  });
+  if (p_.aux == nullptr) return;
+  // x := fit + err, then the AuxK share of the rows of the latents it selected.
+  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+    InPlaceAddDecodedRows(*p_.aux, p_.dec, Md, x, b0, b1);
+  });
+  at::parallel_for(0, F, 16, [&](int64_t i0, int64_t i1) {
+    InPlaceAuxDecoderRows(entries_, aux_scale, x, Md, g_dec, row_sq, i0, i1);
+  });
 }
 
 void SparseBackward(const LatentEntries& entries, const float* x, const float* g_main,
@@ -629,17 +934,6 @@ CROSSDIFF_VECTOR_CLONES double SquaredNormRange(const float* __restrict x, int64
   double s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < n; ++j) s += static_cast<double>(x[j]) * x[j];
-  return s;
-}
-
-}  // namespace
-
-namespace {
-
-CROSSDIFF_VECTOR_CLONES float SegmentSquaredNorm(const float* __restrict x, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += x[j] * x[j];
   return s;
 }
 

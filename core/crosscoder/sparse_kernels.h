@@ -7,6 +7,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <vector>
@@ -143,12 +144,15 @@ void GatherAuxTopK(const PreActivations& pre, const std::vector<int32_t>& dead, 
 void SparseDecode(const SparseCodes& codes, const float* dec, int64_t Md, const float* bias,
                   float* out);
 
-// Entries regrouped by latent (CSR by latent), each tagged with its source (0 main, 1 aux).
+// Entries regrouped by latent (CSR by latent), each tagged with its source (0 main, 1 aux) and its
+// position in that source's codes. Within a latent the main entries come first, each source's in
+// token order.
 struct LatentEntries {
   std::vector<int64_t> ptr;
   std::vector<int32_t> token;
   std::vector<float> value;
   std::vector<uint8_t> source;
+  std::vector<int32_t> index;
 };
 void BuildLatentEntries(const SparseCodes& main, const SparseCodes* aux, int64_t F,
                         LatentEntries* out);
@@ -174,8 +178,52 @@ struct RowMap {
 // the rows are in cache (the gradient norm without another pass over the gradients).
 void SparseBackward(const LatentEntries& entries, const float* x, const float* g_main,
                     const float* g_aux, const float* dec, int64_t F, int64_t Md, float* g_enc,
-                    float* g_dec, float* g_benc, double* row_sq = nullptr,
-                    RowMap x_rows = {});
+                    float* g_dec, float* g_benc, double* row_sq = nullptr, RowMap x_rows = {});
+
+// The BatchTopK reconstruction loss per (row, model) with e2 = ||xhat_m - x_m||^2 and bm = B * M:
+// "mse" adds e2 / bm, "l2" adds sqrt(e2) / bm. LossRowScale is the factor that turns that row's
+// residual xhat_m - x_m into dL/dxhat_m.
+inline double LossTerm(bool l2, float e2) { return l2 ? std::sqrt(static_cast<double>(e2)) : e2; }
+inline float LossRowScale(bool l2, float e2, double bm) {
+  if (!l2) return static_cast<float>(2.0 / bm);
+  return e2 > 0.f ? static_cast<float>(1.0 / (std::sqrt(static_cast<double>(e2)) * bm)) : 0.f;
+}
+
+// The single-process BatchTopK loss and backward with no batch-sized buffer besides the batch x
+// itself (SparseDecode + SparseBackward need two more: the reconstruction and, with AuxK, its
+// residual fit). Same results as those, up to float rounding (sums run in another order).
+//   Forward (token order): decodes each row into a row of scratch, keeps its per-model squared
+//     errors, the loss and every entry's dL/dpre; with AuxK, the aux loss and its dL/dpre.
+//   Backward: the encoder gradients (the last use of x, latent order), then x := xhat - x (decoded
+//     again), the decoder-bias gradient and the decoder gradients from it; with AuxK, x += the aux
+//     reconstruction and the dead latents' decoder rows get its share.
+class InPlaceBackward {
+ public:
+  struct Problem {
+    const SparseCodes* main = nullptr;
+    const SparseCodes* aux = nullptr;  // AuxK codes; null: no AuxK
+    const float* dec = nullptr;        // [F, M*d]
+    const float* b_dec = nullptr;      // [M*d]
+    int64_t F = 0, M = 0, d = 0;
+    bool l2_loss = false;
+    double aux_alpha = 0;
+  };
+  void Forward(const Problem& p, const float* x);
+  const std::vector<float>& e2() const { return e2_; }  // [B, M]
+  double loss() const { return loss_; }
+  double aux_loss() const { return aux_loss_; }  // before aux_alpha
+  // Gradient rows as in SparseBackward (row_sq may be null); g_bdec [M*d]. Overwrites x.
+  void Backward(float* x, float* g_enc, float* g_dec, float* g_benc, float* g_bdec, double* row_sq);
+
+ private:
+  Problem p_;
+  int64_t B_ = 0;
+  std::vector<float> e2_, scale_;        // [B, M]: squared errors, dL/dxhat factors
+  std::vector<float> gp_main_, gp_aux_;  // dL/dpre per entry (gp_aux_ before aux_scale_)
+  std::vector<double> aux_sums_;         // per group of rows: sum of residuals [M*d], ||fit||^2
+  LatentEntries entries_;
+  double loss_ = 0, aux_loss_ = 0, aux_scale_ = 0;
+};
 
 // sum x^2 in double.
 double SquaredNorm(const float* x, int64_t n);

@@ -52,6 +52,11 @@ class Trainer {
   absl::Status Step(int64_t step, bool want_stats, StepSums* sums);
   absl::Status StepBatchTopK(int64_t step, bool want_stats, StepSums* sums);
   absl::Status StepReluL1(int64_t step, bool want_stats, StepSums* sums);
+  // One process: the loss and gradients of the selected codes_ (and aux_codes_) with the batch x_
+  // as the only batch-sized buffer (kernels::InPlaceBackward; x_ is overwritten).
+  absl::Status LossAndGradientsInPlace(bool use_aux, bool want_stats, StepSums* sums);
+  // The gathered factors' loss and gradients (exchanges_factors()).
+  absl::Status LossAndGradientsExchanged(bool use_aux, bool want_stats, StepSums* sums);
   // Sums the gradients across ranks (unless exchanges_factors()), then clips and steps Adam.
   absl::Status ApplyGradients(int64_t step);
   // fired_counts: this rank's (summed across ranks), or with exchanges_factors() the global
@@ -74,12 +79,14 @@ class Trainer {
   Crosscoder model_;
   at::Tensor params_, grads_, adam_m_, adam_v_, workspace_;
   at::Tensor x_, xhat_, gaux_;
-  at::Tensor x_global_;  // with the factor exchange: the whole global batch, x_ its rank's rows
+  at::Tensor x_global_;    // with the factor exchange: the whole global batch, x_ its rank's rows
+  at::Tensor observed_x_;  // the batch for observe_step when the step overwrites x_
+  kernels::InPlaceBackward in_place_;
   at::Tensor since_fired_;  // I64 [F]: tokens since each latent last fired
   std::unique_ptr<BatchStream> stream_;
   kernels::SparseCodes codes_, aux_codes_;
   kernels::LatentEntries entries_;
-  std::vector<double> latent_sq_;  // BatchTopK: each latent's squared gradient norm this step
+  std::vector<double> latent_sq_;      // BatchTopK: each latent's squared gradient norm this step
   internal::FactorExchange exchange_;  // data-parallel BatchTopK: every rank's factors
   int64_t start_step_ = 0;
   float threshold_ = -1;
@@ -150,13 +157,14 @@ absl::Status Trainer::AllocateState() {
     gaux_ = exchange_.gaux();
   } else {
     x_ = at::empty({Bl_, Md_}, f32);
-    xhat_ = at::empty({Bl_, Md_}, f32);
+    // BatchTopK's single-process step needs no reconstruction buffer (LossAndGradientsInPlace).
+    if (o_.arch != Architecture::kBatchTopK) xhat_ = at::empty({Bl_, Md_}, f32);
   }
   since_fired_ = at::zeros({F_}, at::TensorOptions().dtype(at::kLong));
   const bool whole_batch = exchanges_factors();
-  ASSIGN_OR_RETURN(stream_, rows_.CreateBatchStream(internal::StreamOptions(
-                                o_, train_rows_, B_, whole_batch ? 0 : rank_,
-                                whole_batch ? 1 : world_)));
+  ASSIGN_OR_RETURN(stream_,
+                   rows_.CreateBatchStream(internal::StreamOptions(
+                       o_, train_rows_, B_, whole_batch ? 0 : rank_, whole_batch ? 1 : world_)));
   return absl::OkStatus();
 }
 
@@ -240,9 +248,9 @@ absl::Status Trainer::ApplyGradients(int64_t step) {
 }
 
 absl::Status Trainer::StepBatchTopK(int64_t step, bool want_stats, StepSums* sums) {
-  const int64_t F = F_, Md = Md_, Bl = Bl_;
+  const int64_t F = F_, Bl = Bl_;
   const double loss_before = sums->loss, aux_before = sums->aux_loss;
-  at::Tensor enc = model_.encoder_matrix(), dec = model_.decoder_matrix();
+  at::Tensor enc = model_.encoder_matrix();
   at::Tensor w = model_.LatentWeights().contiguous();
   // The pre-activations, computed chunk_rows_ rows at a time into the workspace (one chunk, the
   // whole batch, unless the batch's [Bl, F] outgrows the gradient buffer).
@@ -279,56 +287,24 @@ absl::Status Trainer::StepBatchTopK(int64_t step, bool want_stats, StepSums* sum
       return comm_->AllGather(in, out);
     };
   }
-  ASSIGN_OR_RETURN(kernels::Selection sel,
-                   kernels::SelectAndGather(pre, w.data_ptr<float>(), internal::KAt(o_, step) * B_,
-                                            guess_.guess(), reduce, &codes_,
-                                            use_aux ? &aux_request : nullptr,
-                                            distributed() ? &keys : nullptr));
+  ASSIGN_OR_RETURN(
+      kernels::Selection sel,
+      kernels::SelectAndGather(pre, w.data_ptr<float>(), internal::KAt(o_, step) * B_,
+                               guess_.guess(), reduce, &codes_, use_aux ? &aux_request : nullptr,
+                               distributed() ? &keys : nullptr));
   guess_.Update(sel, internal::KAt(o_, step) * B_);
   // `pre` is dead from here on (the workspace becomes the gradient).
 
-  kernels::SparseDecode(codes_, dec.data_ptr<float>(), Md, model_.b_dec().data_ptr<float>(),
-                        xhat_.data_ptr<float>());
-  at::Tensor err = xhat_;  // becomes xhat - x, then dL/dxhat
-  err.sub_(x_);
-  at::Tensor e2 = internal::PerModelSquaredError(err, M_, d_);  // [Bl, M]
-  at::Tensor row_scale = internal::BatchTopKLoss(o_, e2, B_, M_, &sums->loss);
-
-  float* gaux = nullptr;
-  if (use_aux) {
-    // Residual e = x - xhat = -err; aux loss = sum ||e - ahat||^2 / sum ||e - mean(e)||^2 (global).
-    at::Tensor stats = at::cat({err.sum(0).to(at::kDouble), e2.sum().to(at::kDouble).reshape({1})});
-    RETURN_IF_ERROR(AllReduce(stats));
-    const double s2 = stats[Md].item<double>();
-    const double s1 = stats.narrow(0, 0, Md).pow(2).sum().item<double>();
-    const double denom = std::max(s2 - s1 / static_cast<double>(B_), 1e-12);
-    if (!gaux_.defined()) gaux_ = at::empty({Bl, Md}, x_.options());
-    kernels::SparseDecode(aux_codes_, dec.data_ptr<float>(), Md, nullptr, gaux_.data_ptr<float>());
-    gaux_.add_(err);  // ahat - e
-    sums->aux_loss += kernels::SquaredNorm(gaux_.data_ptr<float>(), gaux_.numel()) / denom;
-    gaux_.mul_(2.0 * o_.auxk_alpha / denom);
-    gaux = gaux_.data_ptr<float>();
-  }
-  if (want_stats) internal::AccumulateStats(x_, e2, Bl, M_, d_, sums);
-  sums->nnz += static_cast<double>(codes_.nnz());
-  // Backward: gradients into the flat buffer [g_enc | g_dec | g_benc | g_bdec].
   if (exchanges_factors()) {
-    // Every rank computes the global batch's gradients from the whole batch's x (every rank read
-    // it) and every rank's dL/dxhat, AuxK gradient and codes (err and gaux_ are the exchange's
-    // send rows).
-    internal::ScaleToOutputGradient(err, row_scale, M_, d_);
-    RETURN_IF_ERROR(exchange_.Exchange(*comm_, codes_, use_aux, use_aux ? &aux_codes_ : nullptr));
-    internal::BatchTopKGradients(exchange_.codes(), use_aux ? &exchange_.aux_codes() : nullptr,
-                                 x_global_.data_ptr<float>(), exchange_.gmain_rows(),
-                                 use_aux ? exchange_.gaux_rows() : nullptr, dec, F, M_, d_,
-                                 &entries_, grads_, &latent_sq_, exchange_.XRows());
-    exchange_.SumGmain(grads_.data_ptr<float>() + 2 * F * Md + F);
+    RETURN_IF_ERROR(LossAndGradientsExchanged(use_aux, want_stats, sums));
   } else {
-    internal::BatchTopKBackward(codes_, use_aux ? &aux_codes_ : nullptr, x_, err, row_scale, gaux,
-                                dec, F, M_, d_, &entries_, grads_, &latent_sq_);
+    RETURN_IF_ERROR(LossAndGradientsInPlace(use_aux, want_stats, sums));
   }
+  sums->nnz += static_cast<double>(codes_.nnz());
   if (o_.observe_step) {
-    StepObservation obs = internal::Observation(step, params_, grads_, x_, since_fired_);
+    // The single-process step overwrote x_: its copy, when asked for (observe_batch).
+    StepObservation obs = internal::Observation(
+        step, params_, grads_, exchanges_factors() ? x_ : observed_x_, since_fired_);
     obs.loss = sums->loss - loss_before;
     obs.aux_loss = sums->aux_loss - aux_before;
     obs.k = internal::KAt(o_, step);
@@ -342,6 +318,73 @@ absl::Status Trainer::StepBatchTopK(int64_t step, bool want_stats, StepSums* sum
   RETURN_IF_ERROR(ApplyGradients(step));
   RETURN_IF_ERROR(UpdateDeadCounters(fired));
   threshold_ = internal::NextThreshold(o_, step, threshold_, sel);
+  return absl::OkStatus();
+}
+
+absl::Status Trainer::LossAndGradientsExchanged(bool use_aux, bool want_stats, StepSums* sums) {
+  const int64_t F = F_, Md = Md_, Bl = Bl_;
+  at::Tensor dec = model_.decoder_matrix();
+  kernels::SparseDecode(codes_, dec.data_ptr<float>(), Md, model_.b_dec().data_ptr<float>(),
+                        xhat_.data_ptr<float>());
+  at::Tensor err = xhat_;  // becomes xhat - x, then dL/dxhat
+  err.sub_(x_);
+  at::Tensor e2 = internal::PerModelSquaredError(err, M_, d_);  // [Bl, M]
+  at::Tensor row_scale = internal::BatchTopKLoss(o_, e2, B_, M_, &sums->loss);
+
+  if (use_aux) {
+    // Residual e = x - xhat = -err; aux loss = sum ||e - ahat||^2 / sum ||e - mean(e)||^2 (global).
+    at::Tensor stats = at::cat({err.sum(0).to(at::kDouble), e2.sum().to(at::kDouble).reshape({1})});
+    RETURN_IF_ERROR(AllReduce(stats));
+    const double s2 = stats[Md].item<double>();
+    const double s1 = stats.narrow(0, 0, Md).pow(2).sum().item<double>();
+    const double denom = std::max(s2 - s1 / static_cast<double>(B_), 1e-12);
+    kernels::SparseDecode(aux_codes_, dec.data_ptr<float>(), Md, nullptr, gaux_.data_ptr<float>());
+    gaux_.add_(err);  // ahat - e
+    sums->aux_loss += kernels::SquaredNorm(gaux_.data_ptr<float>(), gaux_.numel()) / denom;
+    gaux_.mul_(2.0 * o_.auxk_alpha / denom);
+  }
+  if (want_stats) internal::AccumulateStats(x_, e2, Bl, M_, d_, sums);
+  // Backward: gradients into the flat buffer [g_enc | g_dec | g_benc | g_bdec]. Every rank
+  // computes the global batch's gradients from the whole batch's x (every rank read it) and every
+  // rank's dL/dxhat, AuxK gradient and codes (err and gaux_ are the exchange's send rows).
+  internal::ScaleToOutputGradient(err, row_scale, M_, d_);
+  RETURN_IF_ERROR(exchange_.Exchange(*comm_, codes_, use_aux, use_aux ? &aux_codes_ : nullptr));
+  internal::BatchTopKGradients(exchange_.codes(), use_aux ? &exchange_.aux_codes() : nullptr,
+                               x_global_.data_ptr<float>(), exchange_.gmain_rows(),
+                               use_aux ? exchange_.gaux_rows() : nullptr, dec, F, M_, d_, &entries_,
+                               grads_, &latent_sq_, exchange_.XRows());
+  exchange_.SumGmain(grads_.data_ptr<float>() + 2 * F * Md + F);
+  return absl::OkStatus();
+}
+
+absl::Status Trainer::LossAndGradientsInPlace(bool use_aux, bool want_stats, StepSums* sums) {
+  kernels::InPlaceBackward::Problem p;
+  p.main = &codes_;
+  p.aux = use_aux ? &aux_codes_ : nullptr;
+  p.dec = model_.decoder_matrix().data_ptr<float>();
+  p.b_dec = model_.b_dec().data_ptr<float>();
+  p.F = F_;
+  p.M = M_;
+  p.d = d_;
+  p.l2_loss = o_.batch_top_k_loss == "l2";
+  p.aux_alpha = o_.auxk_alpha;
+  in_place_.Forward(p, x_.data_ptr<float>());
+  sums->loss += in_place_.loss();
+  if (use_aux) sums->aux_loss += in_place_.aux_loss();
+  if (want_stats) {
+    at::Tensor e2 =
+        at::from_blob(const_cast<float*>(in_place_.e2().data()), {Bl_, M_}, x_.options());
+    internal::AccumulateStats(x_, e2, Bl_, M_, d_, sums);
+  }
+  if (o_.observe_step && o_.observe_batch) {
+    if (!observed_x_.defined()) observed_x_ = at::empty_like(x_);
+    observed_x_.copy_(x_);
+  }
+  float* g = grads_.data_ptr<float>();
+  const int64_t fmd = F_ * Md_;
+  latent_sq_.resize(F_);
+  in_place_.Backward(x_.data_ptr<float>(), g, g + fmd, g + 2 * fmd, g + 2 * fmd + F_,
+                     latent_sq_.data());
   return absl::OkStatus();
 }
 

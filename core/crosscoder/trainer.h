@@ -83,6 +83,9 @@ struct TrainOptions {
   // Testing hook: called after each step's backward pass, before the gradient all-reduce and the
   // Adam update (see StepObservation). Tensors are views of the trainer's buffers: read only.
   std::function<void(const struct StepObservation&)> observe_step;
+  // Whether StepObservation::x holds the batch. The single-process BatchTopK step overwrites its
+  // batch buffer, so observing x costs a copy of the batch per step (false: x is undefined there).
+  bool observe_batch = true;
 };
 
 struct StepObservation {

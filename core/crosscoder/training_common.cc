@@ -145,15 +145,17 @@ std::vector<int32_t> DeadLatentList(const TrainOptions& o, const at::Tensor& sin
 at::Tensor BatchTopKLoss(const TrainOptions& o, const at::Tensor& e2, int64_t global_batch,
                          int64_t M, double* loss) {
   const double bm = static_cast<double>(global_batch * M);
-  at::Tensor row_scale;
-  if (o.batch_top_k_loss == "l2") {
-    at::Tensor norms = e2.sqrt();
-    *loss += norms.sum().item<double>() / bm;
-    row_scale = at::where(norms > 0, 1.0 / (norms * bm), at::zeros_like(norms));
-  } else {
-    *loss += e2.sum().item<double>() / bm;
-    row_scale = at::full_like(e2, 2.0 / bm);
+  const bool l2 = o.batch_top_k_loss == "l2";
+  at::Tensor e = e2.contiguous();
+  at::Tensor row_scale = at::empty_like(e);
+  const float* ep = e.data_ptr<float>();
+  float* rp = row_scale.data_ptr<float>();
+  double sum = 0;
+  for (int64_t i = 0; i < e.numel(); ++i) {
+    sum += kernels::LossTerm(l2, ep[i]);
+    rp[i] = kernels::LossRowScale(l2, ep[i], bm);
   }
+  *loss += sum / bm;
   return row_scale;
 }
 

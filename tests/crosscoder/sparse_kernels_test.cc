@@ -2,15 +2,17 @@
 // request gives the codes of a brute-force batch-level top-k, and the chunks are computed as often
 // as documented (once when the guess holds, again on the exact fallback).
 #include "core/crosscoder/sparse_kernels.h"
-#include "core/crosscoder/training_common.h"
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <numeric>
+#include <random>
 #include <tuple>
 #include <vector>
+
+#include "core/crosscoder/training_common.h"
 
 namespace crossdiff::crosscoder::kernels {
 namespace {
@@ -56,11 +58,10 @@ std::vector<std::pair<int64_t, int32_t>> Entries(const SparseCodes& c) {
 
 PreActivations Chunked(const Batch& b, int64_t chunk, std::vector<float>* buffer) {
   buffer->assign(chunk * kF, 0.f);
-  return PreActivations::Chunked(kB, kF, chunk, buffer->data(),
-                                 [&b](int64_t b0, int64_t b1, float* rows) {
-                                   std::copy(b.pre.begin() + b0 * kF, b.pre.begin() + b1 * kF,
-                                             rows);
-                                 });
+  return PreActivations::Chunked(
+      kB, kF, chunk, buffer->data(), [&b](int64_t b0, int64_t b1, float* rows) {
+        std::copy(b.pre.begin() + b0 * kF, b.pre.begin() + b1 * kF, rows);
+      });
 }
 
 const AllReduceI64 kSingleProcess = [](std::vector<int64_t>&) { return absl::OkStatus(); };
@@ -165,12 +166,117 @@ TEST(SparseBackwardTest, RowSquaredNormsAreThoseOfTheGradientRows) {
   at::Tensor g_enc = at::empty({kF, Md}), g_dec = at::empty({kF, Md}), g_benc = at::empty({kF});
   std::vector<double> row_sq(kF, -1);
   SparseBackward(entries, x.data_ptr<float>(), g.data_ptr<float>(), nullptr, dec.data_ptr<float>(),
-                 kF, Md, g_enc.data_ptr<float>(), g_dec.data_ptr<float>(),
-                 g_benc.data_ptr<float>(), row_sq.data());
+                 kF, Md, g_enc.data_ptr<float>(), g_dec.data_ptr<float>(), g_benc.data_ptr<float>(),
+                 row_sq.data());
   at::Tensor want = (g_enc.to(at::kDouble).pow(2).sum(1) + g_dec.to(at::kDouble).pow(2).sum(1) +
                      g_benc.to(at::kDouble).pow(2));
   for (int64_t i = 0; i < kF; ++i) EXPECT_NEAR(row_sq[i], want[i].item<double>(), 1e-9) << i;
   EXPECT_GT(want.sum().item<double>(), 0);
+}
+
+// Codes with about `per_row` entries per row (some rows none) among `latents` (all of [0, F) when
+// empty), as CSR and as the dense [B, F] matrix.
+SparseCodes RandomCodes(int64_t B, int64_t F, int per_row, const std::vector<int32_t>& latents,
+                        uint64_t seed, at::Tensor* dense) {
+  std::mt19937_64 rng(seed);
+  SparseCodes c;
+  c.row_ptr.assign(1, 0);
+  *dense = at::zeros({B, F});
+  for (int64_t b = 0; b < B; ++b) {
+    const int n = static_cast<int>(rng() % (2 * per_row + 1));  // 0 .. 2 * per_row
+    std::vector<int32_t> row;
+    for (int j = 0; j < n; ++j) {
+      row.push_back(latents.empty() ? static_cast<int32_t>(rng() % F)
+                                    : latents[rng() % latents.size()]);
+    }
+    std::sort(row.begin(), row.end());
+    row.erase(std::unique(row.begin(), row.end()), row.end());
+    for (int32_t i : row) {
+      const float v = 0.1f + static_cast<float>(rng() % 1000) / 500.f;
+      c.latent.push_back(i);
+      c.value.push_back(v);
+      (*dense)[b][i] = v;
+    }
+    c.row_ptr.push_back(static_cast<int64_t>(c.latent.size()));
+  }
+  return c;
+}
+
+TEST(InPlaceBackwardTest, MatchesTheBatchBackward) {
+  const int64_t B = 150, F = 40, M = 2, d = 7, Md = M * d;  // 150 rows: three AuxK row groups
+  at::Generator gen = at::detail::createCPUGenerator(21);
+  const at::Tensor x0 = at::randn({B, Md}, gen), dec = at::randn({F, Md}, gen),
+                   b_dec = at::randn({Md}, gen);
+  const std::vector<int32_t> dead = {3, 17, 18, 31, 39};
+  for (bool l2 : {false, true}) {
+    for (bool with_aux : {false, true}) {
+      SCOPED_TRACE(testing::Message() << "l2 " << l2 << " aux " << with_aux);
+      at::Tensor dense, dense_aux;
+      const SparseCodes codes = RandomCodes(B, F, 4, {}, 7, &dense);
+      const SparseCodes aux = RandomCodes(B, F, 2, dead, 8, &dense_aux);
+      const double alpha = 1.0 / 32;
+      // The batch formulation: reconstruction, dL/dxhat and AuxK's gradient as tensors.
+      at::Tensor err = at::mm(dense, dec) + b_dec - x0;
+      at::Tensor e2 = err.view({B, M, d}).pow(2).sum(2);
+      TrainOptions o;
+      o.batch_top_k_loss = l2 ? "l2" : "mse";
+      double loss = 0;
+      at::Tensor scale = internal::BatchTopKLoss(o, e2, B, M, &loss);
+      at::Tensor gmain = (err.view({B, M, d}) * scale.unsqueeze(2)).reshape({B, Md}).contiguous();
+      at::Tensor fit = at::mm(dense_aux, dec) + err;
+      const double denom = (err - err.mean(0, true)).to(at::kDouble).pow(2).sum().item<double>();
+      at::Tensor gaux = (fit * (2 * alpha / denom)).contiguous();
+      LatentEntries entries;
+      BuildLatentEntries(codes, with_aux ? &aux : nullptr, F, &entries);
+      at::Tensor want_enc = at::empty({F, Md}), want_dec = at::empty({F, Md}),
+                 want_benc = at::empty({F});
+      std::vector<double> want_sq(F);
+      SparseBackward(entries, x0.data_ptr<float>(), gmain.data_ptr<float>(), gaux.data_ptr<float>(),
+                     dec.data_ptr<float>(), F, Md, want_enc.data_ptr<float>(),
+                     want_dec.data_ptr<float>(), want_benc.data_ptr<float>(), want_sq.data());
+      at::Tensor want_bdec = gmain.sum(0);
+
+      InPlaceBackward ip;
+      InPlaceBackward::Problem p;
+      p.main = &codes;
+      p.aux = with_aux ? &aux : nullptr;
+      p.dec = dec.data_ptr<float>();
+      p.b_dec = b_dec.data_ptr<float>();
+      p.F = F;
+      p.M = M;
+      p.d = d;
+      p.l2_loss = l2;
+      p.aux_alpha = alpha;
+      at::Tensor x = x0.clone();
+      ip.Forward(p, x.data_ptr<float>());
+      EXPECT_NEAR(ip.loss(), loss, 1e-6 * loss);
+      if (with_aux) {
+        const double want = fit.to(at::kDouble).pow(2).sum().item<double>() / denom;
+        EXPECT_NEAR(ip.aux_loss(), want, 1e-5 * want);
+      } else {
+        EXPECT_EQ(ip.aux_loss(), 0);
+      }
+      ASSERT_EQ(ip.e2().size(), static_cast<size_t>(B * M));
+      EXPECT_TRUE(
+          at::allclose(at::from_blob(const_cast<float*>(ip.e2().data()), {B, M}), e2, 1e-5, 1e-6));
+      EXPECT_TRUE(at::equal(x, x0)) << "Forward only reads x";
+      at::Tensor g_enc = at::full({F, Md}, 7.f), g_dec = at::full({F, Md}, 7.f),
+                 g_benc = at::full({F}, 7.f), g_bdec = at::full({Md}, 7.f);
+      std::vector<double> sq(F, -1);
+      ip.Backward(x.data_ptr<float>(), g_enc.data_ptr<float>(), g_dec.data_ptr<float>(),
+                  g_benc.data_ptr<float>(), g_bdec.data_ptr<float>(), sq.data());
+      const double tol = 1e-5 * want_dec.abs().max().item<double>();
+      EXPECT_LT((g_enc - want_enc).abs().max().item<double>(),
+                1e-5 * want_enc.abs().max().item<double>());
+      EXPECT_LT((g_dec - want_dec).abs().max().item<double>(), tol);
+      EXPECT_LT((g_benc - want_benc).abs().max().item<double>(),
+                1e-5 * want_benc.abs().max().item<double>());
+      EXPECT_LT((g_bdec - want_bdec).abs().max().item<double>(),
+                1e-5 * want_bdec.abs().max().item<double>());
+      for (int64_t i = 0; i < F; ++i)
+        EXPECT_NEAR(sq[i], want_sq[i], 1e-4 * want_sq[i] + 1e-12) << i;
+    }
+  }
 }
 
 TEST(SelectionGuessTest, KeepsTheCandidatesNearTheSelectedEntries) {
