@@ -171,63 +171,48 @@ absl::Status StoreWriter::Append(const ActivationBatch& batch) {
     ASSIGN_OR_RETURN(b.positions, IdTensor(batch.positions, rows, at::kInt,
                                            absl::StrCat(what, ": field 'positions'")));
     b.activations = a.detach().to(at::kCPU).to(StoreScalarType(opts_.dtype)).contiguous();
-    pending_.push_back(std::move(b));
-    pending_rows_ += rows;
     rows_written_ += rows;
-    while (pending_rows_ >= opts_.rows_per_shard) RETURN_IF_ERROR(FlushShard());
+    // Rows go to the open shard's file as they come; a full shard is installed at once.
+    const auto* act = static_cast<const uint8_t*>(b.activations.data_ptr());
+    const int64_t act_row = b.activations.numel() / rows * b.activations.element_size();
+    for (int64_t done = 0; done < rows;) {
+      if (shard_ == nullptr) RETURN_IF_ERROR(OpenShard());
+      const int64_t take = std::min(rows - done, opts_.rows_per_shard - shard_->rows());
+      // Columns in the order of OpenShard: activations (streamed), then the sorted rest.
+      RETURN_IF_ERROR(shard_->Append({act + done * act_row, b.positions.data_ptr<int32_t>() + done,
+                                      b.sequence_ids.data_ptr<int64_t>() + done,
+                                      b.token_ids.data_ptr<int32_t>() + done},
+                                     take));
+      done += take;
+      if (shard_->rows() == opts_.rows_per_shard) RETURN_IF_ERROR(FinishShard());
+    }
     return absl::OkStatus();
   });
 }
 
-absl::Status StoreWriter::FlushShard() {
-  if (pending_rows_ == 0) return absl::OkStatus();
-  const int64_t n = std::min(pending_rows_, opts_.rows_per_shard);
-  auto cat = [&](at::Tensor ActivationBatch::*field) {
-    std::vector<at::Tensor> parts;
-    parts.reserve(pending_.size());
-    for (const ActivationBatch& b : pending_) parts.push_back(b.*field);
-    return parts.size() == 1 ? parts[0] : at::cat(parts, 0);
-  };
-  ActivationBatch all;
-  all.activations = cat(&ActivationBatch::activations);
-  all.token_ids = cat(&ActivationBatch::token_ids);
-  all.sequence_ids = cat(&ActivationBatch::sequence_ids);
-  all.positions = cat(&ActivationBatch::positions);
-  pending_.clear();
-
-  ActivationBatch shard;
-  shard.activations = all.activations.slice(0, 0, n).contiguous();
-  shard.token_ids = all.token_ids.slice(0, 0, n).contiguous();
-  shard.sequence_ids = all.sequence_ids.slice(0, 0, n).contiguous();
-  shard.positions = all.positions.slice(0, 0, n).contiguous();
-  if (pending_rows_ > n) {
-    // Keep the remainder as its own copy, so the large concatenation is freed now.
-    ActivationBatch rest;
-    rest.activations = all.activations.slice(0, n).clone();
-    rest.token_ids = all.token_ids.slice(0, n).clone();
-    rest.sequence_ids = all.sequence_ids.slice(0, n).clone();
-    rest.positions = all.positions.slice(0, n).clone();
-    pending_.push_back(std::move(rest));
-  }
-  all = ActivationBatch();
-  pending_rows_ -= n;
-
+absl::Status StoreWriter::OpenShard() {
   char name[64];
   std::snprintf(name, sizeof(name), "%06lld", static_cast<long long>(next_shard_));
-  const std::string file = opts_.shard_prefix + name + ".safetensors";
-  tensor_io::SafetensorsWriter writer;
-  writer.SetMetadata("format", "crossdiff.activations.shard");
-  auto add = [&](const char* field, const at::Tensor& t, DType dtype) {
-    std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
-    return writer.AddBorrowed(field, dtype, std::move(shape), t.data_ptr(),
-                              static_cast<size_t>(t.numel()) * t.element_size());
-  };
-  RETURN_IF_ERROR(add(kActivations, shard.activations, StoreDType(opts_.dtype)));
-  RETURN_IF_ERROR(add(kTokenIds, shard.token_ids, DType::kI32));
-  RETURN_IF_ERROR(add(kSequenceIds, shard.sequence_ids, DType::kI64));
-  RETURN_IF_ERROR(add(kPositions, shard.positions, DType::kI32));
-  RETURN_IF_ERROR(writer.Write(dir_ + "/" + file));
-  shards_.push_back(ShardInfo{file, n});
+  shard_file_ = opts_.shard_prefix + name + ".safetensors";
+  const int64_t n_models = static_cast<int64_t>(opts_.models.size());
+  // The layout of the reference writer (tensors sorted by name): activations, positions,
+  // sequence_ids, token_ids.
+  ASSIGN_OR_RETURN(shard_, tensor_io::SafetensorsRowWriter::Open(
+                               dir_ + "/" + shard_file_,
+                               {{kActivations, StoreDType(opts_.dtype), {n_models, opts_.d_model}},
+                                {kPositions, DType::kI32, {}},
+                                {kSequenceIds, DType::kI64, {}},
+                                {kTokenIds, DType::kI32, {}}},
+                               opts_.rows_per_shard, {{"format", "crossdiff.activations.shard"}}));
+  return absl::OkStatus();
+}
+
+absl::Status StoreWriter::FinishShard() {
+  const int64_t n = shard_->rows();
+  absl::Status s = shard_->Finish();
+  shard_.reset();
+  RETURN_IF_ERROR(s);
+  shards_.push_back(ShardInfo{shard_file_, n});
   ++next_shard_;
   return absl::OkStatus();
 }
@@ -235,10 +220,8 @@ absl::Status StoreWriter::FlushShard() {
 absl::StatusOr<Manifest> StoreWriter::Finish(bool write_manifest) {
   const std::string what = absl::StrCat("store writer ", dir_);
   if (finished_) return absl::FailedPreconditionError(absl::StrCat(what, ": already finished"));
-  RETURN_IF_ERROR(GuardTorch(what, [&]() -> absl::Status {
-    while (pending_rows_ > 0) RETURN_IF_ERROR(FlushShard());
-    return absl::OkStatus();
-  }));
+  if (shard_ != nullptr && shard_->rows() > 0) RETURN_IF_ERROR(FinishShard());
+  shard_.reset();
   finished_ = true;
   Manifest m;
   m.models = opts_.models;

@@ -28,10 +28,11 @@ struct ActivationBatch {
   int64_t rows() const { return activations.defined() ? activations.size(0) : 0; }
 };
 
-// Streams rows into fixed-size shards; memory is bounded by one shard plus the batch being
-// appended. Every shard is written atomically (tmp + fsync + rename) as soon as it is full, and the
-// manifest last, so an interrupted harvest leaves shards but no manifest: it never reads as
-// complete. Activations are converted to the store dtype, token_ids/positions to I32 and
+// Streams rows into fixed-size shards: activations go to the open shard's temporary file as they are
+// appended (memory: the batch being appended, and 16 bytes of ids per row of the open shard). Every
+// shard is installed atomically (tmp + fsync + rename) as soon as it is full, and the manifest
+// last, so an interrupted harvest leaves shards (and perhaps a `.tmp-PID` file) but no manifest:
+// it never reads as complete. Activations are converted to the store dtype, token_ids/positions to I32 and
 // sequence_ids to I64 (values outside int32 are INVALID_ARGUMENT). Not thread-safe.
 class StoreWriter {
  public:
@@ -61,11 +62,12 @@ class StoreWriter {
 
  private:
   StoreWriter() = default;
-  absl::Status FlushShard();
+  absl::Status OpenShard();
+  absl::Status FinishShard();
   std::string dir_;
   Options opts_;
-  std::vector<ActivationBatch> pending_;
-  int64_t pending_rows_ = 0;
+  std::unique_ptr<tensor_io::SafetensorsRowWriter> shard_;  // the open shard, if any
+  std::string shard_file_;
   int64_t rows_written_ = 0;
   int64_t next_shard_ = 0;
   std::vector<ShardInfo> shards_;

@@ -133,6 +133,43 @@ std::string ParentDir(const std::string& path) {
   return path.substr(0, slash);
 }
 
+std::string TemporaryPath(const std::string& path) {
+  return absl::StrCat(path, ".tmp-", ::getpid());
+}
+
+// fsyncs and closes `fd` (the complete file at `tmp`), renames it to `path` and makes the rename
+// durable; on any failure removes `tmp` and returns the error naming `path`.
+absl::Status InstallTemporary(int fd, const std::string& tmp, const std::string& path,
+                              bool drop_cached = false) {
+  bool ok = true;
+  int err = 0;
+  if (::fsync(fd) != 0) {
+    ok = false;
+    err = errno;
+  }
+  // Once durable, the written pages are clean: optionally hand them back to the page cache.
+  if (ok && drop_cached) ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+  if (::close(fd) != 0 && ok) {
+    ok = false;
+    err = errno;
+  }
+  if (!ok) {
+    ::unlink(tmp.c_str());
+    return ErrnoError(err, path, "write failed (nothing was written to this path)");
+  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    err = errno;
+    ::unlink(tmp.c_str());
+    return ErrnoError(err, path, "cannot rename the temporary file into place");
+  }
+  int dfd = ::open(ParentDir(path).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
+  }
+  return absl::OkStatus();
+}
+
 bool IsDirectory(const std::string& path) {
   struct stat st;
   return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
@@ -483,7 +520,7 @@ absl::Status SafetensorsWriter::Write(const std::string& path) const {
   text.append((8 - text.size() % 8) % 8, ' ');
   uint64_t len = text.size();
 
-  const std::string tmp = absl::StrCat(path, ".tmp-", ::getpid());
+  const std::string tmp = TemporaryPath(path);
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) return ErrnoError(errno, path, "cannot create temporary file for writing");
   int err = 0;
@@ -491,30 +528,153 @@ absl::Status SafetensorsWriter::Write(const std::string& path) const {
   for (auto it = entries_.begin(); ok && it != entries_.end(); ++it) {
     ok = WriteAll(fd, it->second.bytes, it->second.nbytes, &err);
   }
-  if (ok && ::fsync(fd) != 0) {
-    ok = false;
-    err = errno;
-  }
-  if (::close(fd) != 0 && ok) {
-    ok = false;
-    err = errno;
-  }
   if (!ok) {
+    ::close(fd);
     ::unlink(tmp.c_str());
     return ErrnoError(err, path, "write failed (nothing was written to this path)");
   }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    err = errno;
-    ::unlink(tmp.c_str());
-    return ErrnoError(err, path, "cannot rename the temporary file into place");
+  return InstallTemporary(fd, tmp, path);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SafetensorsRowWriter
+
+absl::StatusOr<std::unique_ptr<SafetensorsRowWriter>> SafetensorsRowWriter::Open(
+    const std::string& path, std::vector<Column> columns, int64_t max_rows,
+    std::map<std::string, std::string> metadata) {
+  const std::string what = absl::StrCat("safetensors row writer ", path);
+  if (columns.empty()) return absl::InvalidArgumentError(absl::StrCat(what, ": no columns"));
+  if (max_rows < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": max_rows ", max_rows, " < 0"));
   }
-  // Make the rename itself durable.
-  int dfd = ::open(ParentDir(path).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);
-    ::close(dfd);
+  std::unique_ptr<SafetensorsRowWriter> w(new SafetensorsRowWriter());
+  std::set<std::string> names;
+  for (const Column& c : columns) {
+    if (c.name.empty() || c.name == "__metadata__" || !names.insert(c.name).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": column name '", c.name, "' is empty, reserved or repeated"));
+    }
+    uint64_t bytes = 0;
+    if (!ByteSize(c.row_shape, c.dtype, &bytes)) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": column '", c.name, "': row shape ",
+                                                     ShapeString(c.row_shape), " is invalid"));
+    }
+    w->row_bytes_.push_back(bytes);
   }
+  w->path_ = path;
+  w->columns_ = std::move(columns);
+  w->metadata_ = std::move(metadata);
+  w->max_rows_ = max_rows;
+  w->kept_.resize(w->columns_.size());
+  // Fewer rows never make the header longer (its numbers only get shorter).
+  const uint64_t longest = w->HeaderText(max_rows).size();
+  w->header_room_ = (longest + 7) / 8 * 8;
+  w->tmp_ = TemporaryPath(path);
+  w->fd_ = ::open(w->tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (w->fd_ < 0) return ErrnoError(errno, path, "cannot create temporary file for writing");
+  if (::lseek(w->fd_, static_cast<off_t>(8 + w->header_room_), SEEK_SET) < 0) {
+    const int err = errno;
+    return w->Fail(err, "cannot seek past the header");
+  }
+  return w;
+}
+
+SafetensorsRowWriter::~SafetensorsRowWriter() {
+  if (fd_ >= 0) {
+    ::close(fd_);
+    ::unlink(tmp_.c_str());
+  }
+}
+
+std::string SafetensorsRowWriter::HeaderText(int64_t rows) const {
+  Json header = Json::object();
+  if (!metadata_.empty()) {
+    Json meta = Json::object();
+    for (const auto& [k, v] : metadata_) meta[k] = v;
+    header["__metadata__"] = meta;
+  }
+  uint64_t offset = 0;
+  for (size_t c = 0; c < columns_.size(); ++c) {  // the first column first, then the kept ones
+    std::vector<int64_t> shape = {rows};
+    shape.insert(shape.end(), columns_[c].row_shape.begin(), columns_[c].row_shape.end());
+    const uint64_t n = row_bytes_[c] * static_cast<uint64_t>(rows);
+    header[columns_[c].name] = {{"dtype", std::string(DTypeName(columns_[c].dtype))},
+                                {"shape", shape},
+                                {"data_offsets", {offset, offset + n}}};
+    offset += n;
+  }
+  return header.dump();
+}
+
+absl::Status SafetensorsRowWriter::Fail(int err, std::string_view what) {
+  failed_ = true;
+  if (fd_ >= 0) {
+    ::close(fd_);
+    ::unlink(tmp_.c_str());
+    fd_ = -1;
+  }
+  return ErrnoError(err, path_, std::string(what) + " (nothing was written to this path)");
+}
+
+absl::Status SafetensorsRowWriter::Append(const std::vector<const void*>& data, int64_t rows) {
+  if (failed_ || finished_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "safetensors row writer ", path_, failed_ ? ": an earlier write failed" : ": finished"));
+  }
+  if (data.size() != columns_.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("safetensors row writer ", path_, ": ",
+                                                   data.size(), " columns given, expected ",
+                                                   columns_.size()));
+  }
+  if (rows < 0 || rows > max_rows_ - rows_) {
+    return absl::OutOfRangeError(absl::StrCat("safetensors row writer ", path_, ": ", rows_, " + ",
+                                              rows, " rows exceed max_rows ", max_rows_));
+  }
+  if (rows == 0) return absl::OkStatus();
+  const uint64_t first = row_bytes_[0] * static_cast<uint64_t>(rows);
+  int err = 0;
+  if (!WriteAll(fd_, data[0], first, &err)) return Fail(err, "write failed");
+#if defined(__linux__)
+  // Start writing these pages back now, so that Finish's fsync waits only for the last ones.
+  const uint64_t at = 8 + header_room_ + row_bytes_[0] * static_cast<uint64_t>(rows_);
+  ::sync_file_range(fd_, static_cast<off64_t>(at), static_cast<off64_t>(first),
+                    SYNC_FILE_RANGE_WRITE);
+#endif
+  for (size_t c = 1; c < columns_.size(); ++c) {
+    const auto* p = static_cast<const uint8_t*>(data[c]);
+    kept_[c].insert(kept_[c].end(), p, p + row_bytes_[c] * static_cast<uint64_t>(rows));
+  }
+  rows_ += rows;
   return absl::OkStatus();
+}
+
+absl::Status SafetensorsRowWriter::Finish() {
+  if (failed_ || finished_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "safetensors row writer ", path_, failed_ ? ": an earlier write failed" : ": finished"));
+  }
+  int err = 0;
+  for (size_t c = 1; c < columns_.size(); ++c) {
+    if (!WriteAll(fd_, kept_[c].data(), kept_[c].size(), &err)) return Fail(err, "write failed");
+    std::vector<uint8_t>().swap(kept_[c]);
+  }
+  std::string text = HeaderText(rows_);
+  text.append(header_room_ - text.size(), ' ');
+  const uint64_t len = text.size();
+  std::string head(reinterpret_cast<const char*>(&len), 8);
+  head += text;
+  errno = 0;
+  if (::pwrite(fd_, head.data(), head.size(), 0) != static_cast<ssize_t>(head.size())) {
+    return Fail(errno != 0 ? errno : EIO, "header write failed");
+  }
+  const int fd = fd_;
+  fd_ = -1;
+  finished_ = true;
+  // A row-streamed file is typically one of many (an activation store far larger than memory):
+  // its pages leave the page cache once written rather than pushing out everything else.
+  absl::Status s = InstallTemporary(fd, tmp_, path_, /*drop_cached=*/true);
+  if (!s.ok()) failed_ = true;
+  return s;
 }
 
 }  // namespace crossdiff::tensor_io

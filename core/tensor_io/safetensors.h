@@ -136,4 +136,47 @@ class SafetensorsWriter {
   std::map<std::string, std::string> metadata_;
 };
 
+// Writes a safetensors file whose tensors all have the row count as their first dimension, the rows
+// arriving in batches. The first column's bytes go to the file as they arrive (room for the header
+// is reserved for max_rows rows and padded with spaces, which the format allows); the other
+// columns, meant to be small, are kept until Finish(), which appends them after the first, writes
+// the header and installs the file as SafetensorsWriter does (temporary file, fsync, rename): the
+// file appears at `path` only complete; its pages then leave the page cache (such files are
+// typically many, together larger than memory). Destroying an unfinished writer removes its
+// temporary file. Not thread-safe.
+class SafetensorsRowWriter {
+ public:
+  struct Column {
+    std::string name;
+    DType dtype = DType::kF32;
+    std::vector<int64_t> row_shape;  // the shape of one row (empty: a scalar per row)
+  };
+  static absl::StatusOr<std::unique_ptr<SafetensorsRowWriter>> Open(
+      const std::string& path, std::vector<Column> columns, int64_t max_rows,
+      std::map<std::string, std::string> metadata = {});
+  ~SafetensorsRowWriter();
+  SafetensorsRowWriter(const SafetensorsRowWriter&) = delete;
+  SafetensorsRowWriter& operator=(const SafetensorsRowWriter&) = delete;
+
+  // data[c] holds `rows` rows of column c (row-major, in the column's dtype). More than max_rows
+  // rows in all is OUT_OF_RANGE. After an I/O error the writer is unusable (FAILED_PRECONDITION).
+  absl::Status Append(const std::vector<const void*>& data, int64_t rows);
+  int64_t rows() const { return rows_; }
+  absl::Status Finish();
+
+ private:
+  SafetensorsRowWriter() = default;
+  std::string HeaderText(int64_t rows) const;
+  absl::Status Fail(int err, std::string_view what);
+  std::string path_, tmp_;
+  std::vector<Column> columns_;
+  std::vector<uint64_t> row_bytes_;
+  std::map<std::string, std::string> metadata_;
+  std::vector<std::vector<uint8_t>> kept_;  // columns 1.. until Finish
+  int64_t max_rows_ = 0, rows_ = 0;
+  uint64_t header_room_ = 0;  // bytes of header text (a multiple of 8)
+  int fd_ = -1;
+  bool failed_ = false, finished_ = false;
+};
+
 }  // namespace crossdiff::tensor_io

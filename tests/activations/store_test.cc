@@ -222,6 +222,67 @@ TEST(StoreTest, WritesShardByShardAndReadsBack) {
   }
 }
 
+// Resident memory of this process in bytes (VmRSS).
+int64_t ResidentBytes() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("VmRSS:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
+  }
+  return -1;
+}
+
+TEST(StoreTest, RowsGoToTheOpenShardsFileAsTheyArrive) {
+  ScratchDir dir;
+  StoreWriter::Options opts;
+  opts.models = {"base", "ft"};
+  opts.d_model = 512;
+  opts.rows_per_shard = 1 << 16;  // one shard: nothing is installed before Finish
+  auto writer = StoreWriter::Create(dir.path(), opts);
+  ASSERT_TRUE(writer.ok()) << writer.status();
+  ASSERT_TRUE((*writer)->Append(testing_util::MakeRows(256, 2, 512, 0)).ok());  // warm up
+  const int64_t before = ResidentBytes();
+  int64_t peak = before;
+  for (int part = 1; part < 32; ++part) {  // 31 more batches of 1 MiB
+    ASSERT_TRUE((*writer)->Append(testing_util::MakeRows(256, 2, 512, part)).ok());
+    peak = std::max(peak, ResidentBytes());
+  }
+  // Holding the shard until it is full would take 32 MiB.
+  EXPECT_LT(peak - before, 8 << 20) << "before " << before << " peak " << peak;
+  std::vector<std::string> files = dir.List();
+  ASSERT_EQ(files.size(), 1u);
+  EXPECT_THAT(files[0], HasSubstr("shard-000000.safetensors.tmp-")) << "only the open shard";
+  auto manifest = (*writer)->Finish();
+  ASSERT_TRUE(manifest.ok()) << manifest.status();
+  EXPECT_EQ(manifest->rows, 32 * 256);
+  EXPECT_THAT(dir.List(), ::testing::UnorderedElementsAre("shard-000000.safetensors",
+                                                          "manifest.json"));
+  auto reader = StoreReader::Open(dir.path());
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  auto rows = (*reader)->ReadRows(31 * 256, 32 * 256);
+  ASSERT_TRUE(rows.ok()) << rows.status();
+  ActivationBatch last = testing_util::MakeRows(256, 2, 512, 31);
+  EXPECT_TRUE(at::equal(rows->activations, last.activations));
+  EXPECT_TRUE(at::equal(rows->sequence_ids, last.sequence_ids));
+}
+
+TEST(StoreTest, AnAbandonedWriterLeavesNoShardFiles) {
+  ScratchDir dir;
+  StoreWriter::Options opts;
+  opts.models = {"base", "ft"};
+  opts.d_model = 4;
+  opts.rows_per_shard = 3;
+  {
+    auto writer = StoreWriter::Create(dir.path(), opts);
+    ASSERT_TRUE(writer.ok()) << writer.status();
+    ASSERT_TRUE((*writer)->Append(testing_util::MakeRows(4, 2, 4, 0)).ok());
+  }
+  // The full shard stays (no manifest: the store reads as incomplete); the open one is removed.
+  EXPECT_THAT(dir.List(), ElementsAre("shard-000000.safetensors"));
+  EXPECT_STATUS(StoreReader::Open(dir.path()), absl::StatusCode::kNotFound,
+                "the store is incomplete");
+}
+
 TEST(StoreTest, WriterRefusesCompleteStoreAndBadBatches) {
   ScratchDir dir;
   ASSERT_TRUE(testing_util::WriteStore(dir.path(), 4, 2, 3, "float32", 4).ok());

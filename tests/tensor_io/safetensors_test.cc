@@ -399,5 +399,94 @@ TEST(SafetensorsWriterTest, BorrowedBytesAreWritten) {
   EXPECT_EQ(back[2], 3);
 }
 
+TEST(SafetensorsRowWriterTest, RowsArrivingInBatchesReadBackAsOneTensorPerColumn) {
+  ScratchDir dir;
+  const std::string path = dir.file("rows.safetensors");
+  std::vector<SafetensorsRowWriter::Column> cols = {
+      {"values", DType::kBF16, {2, 3}}, {"ids", DType::kI64, {}}, {"pos", DType::kI32, {}}};
+  auto w = SafetensorsRowWriter::Open(path, cols, 1000, {{"format", "test"}});
+  ASSERT_TRUE(w.ok()) << w.status();
+  const std::vector<uint8_t> values = Pattern(7 * 6 * 2, 5);
+  std::vector<int64_t> ids(7);
+  std::vector<int32_t> pos(7);
+  std::iota(ids.begin(), ids.end(), int64_t{1} << 40);
+  std::iota(pos.begin(), pos.end(), -3);
+  // Batches of 3, 0 and 4 rows.
+  ASSERT_TRUE((*w)->Append({values.data(), ids.data(), pos.data()}, 3).ok());
+  ASSERT_TRUE((*w)->Append({values.data(), ids.data(), pos.data()}, 0).ok());
+  EXPECT_THAT(dir.List(), ::testing::Not(::testing::Contains("rows.safetensors")))
+      << "the file appears only when finished";
+  ASSERT_TRUE((*w)->Append({values.data() + 3 * 12, ids.data() + 3, pos.data() + 3}, 4).ok());
+  EXPECT_EQ((*w)->rows(), 7);
+  ASSERT_TRUE((*w)->Finish().ok());
+  EXPECT_THAT(dir.List(), ElementsAre("rows.safetensors"));  // no temporary file left
+
+  auto file = SafetensorsFile::Open(path);
+  ASSERT_TRUE(file.ok()) << file.status();
+  EXPECT_EQ((*file)->metadata().at("format"), "test");
+  const TensorInfo* v = (*file)->Find("values");
+  ASSERT_NE(v, nullptr);
+  EXPECT_THAT(v->shape, ElementsAre(7, 2, 3));
+  EXPECT_EQ(v->begin, 0u);  // the streamed column comes first in the data section
+  EXPECT_EQ(std::memcmp((*file)->data(*v), values.data(), values.size()), 0);
+  const TensorInfo* i = (*file)->Find("ids");
+  ASSERT_NE(i, nullptr);
+  EXPECT_THAT(i->shape, ElementsAre(7));
+  EXPECT_EQ(std::memcmp((*file)->data(*i), ids.data(), 7 * 8), 0);
+  const TensorInfo* p = (*file)->Find("pos");
+  ASSERT_NE(p, nullptr);
+  EXPECT_EQ(std::memcmp((*file)->data(*p), pos.data(), 7 * 4), 0);
+  EXPECT_EQ((*file)->data_size(), values.size() + 7 * 8 + 7 * 4);
+  // The header (its room reserved for 1000 rows) is padded with spaces to an 8-byte boundary.
+  const std::string raw = testing_util::ReadBytes(path);
+  uint64_t len = 0;
+  std::memcpy(&len, raw.data(), 8);
+  EXPECT_EQ(len % 8, 0u);
+  EXPECT_EQ(raw[8 + len - 1], ' ');
+}
+
+TEST(SafetensorsRowWriterTest, RejectsTooManyRowsAndLeavesNothingWhenAbandoned) {
+  ScratchDir dir;
+  const std::string path = dir.file("rows.safetensors");
+  {
+    auto w = SafetensorsRowWriter::Open(path, {{"x", DType::kF32, {2}}}, 3);
+    ASSERT_TRUE(w.ok()) << w.status();
+    float x[8] = {};
+    ASSERT_TRUE((*w)->Append({x}, 2).ok());
+    absl::Status s = (*w)->Append({x}, 2);
+    EXPECT_EQ(s.code(), absl::StatusCode::kOutOfRange) << s;
+    EXPECT_THAT(std::string(s.message()), HasSubstr("max_rows 3"));
+    EXPECT_EQ((*w)->Append({x, x}, 1).code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(dir.List().size(), 1u);  // the temporary file
+  }
+  EXPECT_TRUE(dir.List().empty()) << "an unfinished writer removes its temporary file";
+  EXPECT_EQ(SafetensorsRowWriter::Open(path, {{"x", DType::kF32, {}}, {"x", DType::kI32, {}}}, 3)
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(SafetensorsRowWriterTest, FailedWriteLeavesNoFileAndTheWriterUnusable) {
+  ScratchDir dir;
+  const std::string path = dir.file("rows.safetensors");
+  auto w = SafetensorsRowWriter::Open(path, {{"x", DType::kU8, {1024}}}, 1024);
+  ASSERT_TRUE(w.ok()) << w.status();
+  std::vector<uint8_t> rows(256 * 1024, 1);
+  struct rlimit old_limit;
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old_limit), 0);
+  auto old_handler = ::signal(SIGXFSZ, SIG_IGN);
+  struct rlimit limit = old_limit;
+  limit.rlim_cur = 64 * 1024;
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &limit), 0);
+  absl::Status s = (*w)->Append({rows.data()}, 256);
+  ::setrlimit(RLIMIT_FSIZE, &old_limit);
+  ::signal(SIGXFSZ, old_handler);
+  EXPECT_EQ(s.code(), absl::StatusCode::kOutOfRange) << s;  // EFBIG
+  EXPECT_THAT(std::string(s.message()), HasSubstr(path + ": write failed"));
+  EXPECT_TRUE(dir.List().empty());
+  EXPECT_EQ((*w)->Append({rows.data()}, 1).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ((*w)->Finish().code(), absl::StatusCode::kFailedPrecondition);
+}
+
 }  // namespace
 }  // namespace crossdiff::tensor_io
