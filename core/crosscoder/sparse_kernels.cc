@@ -187,6 +187,7 @@ struct InPlaceForwardArgs {
   float* gp_main;
   float* gp_aux;
   double* aux_sums;  // per group: sum of err [M*d], then ||fit||^2
+  float* stash;      // [B, M*d]: where err is kept for Backward, or null
 };
 
 // Groups [g0, g1) of rows: err = xhat - x and fit = err + AuxK's reconstruction, one row at a time
@@ -196,8 +197,10 @@ void InPlaceForwardRows(const InPlaceForwardArgs& a, int64_t g0, int64_t g1, flo
                         float* __restrict fit) {
   const int64_t M = a.M, d = a.d, Md = M * d;
   const SparseCodes& main = *a.main;
+  float* const scratch = err;
   for (int64_t g = g0; g < g1; ++g) {
     for (int64_t b = g * a.group_rows; b < std::min(a.B, (g + 1) * a.group_rows); ++b) {
+      err = a.stash != nullptr ? a.stash + b * Md : scratch;
       DecodeRow(main, b, a.dec, Md, a.b_dec, false, err);
       const float* __restrict xb = a.x + b * Md;
 #pragma omp simd
@@ -829,7 +832,8 @@ namespace {
 constexpr int64_t kAuxGroupRows = 64;
 }  // namespace
 
-void InPlaceBackward::Forward(const Problem& p, const float* x) {
+void InPlaceBackward::Forward(const Problem& p, const float* x, float* stash,
+                              int64_t stash_floats) {
   p_ = p;
   const int64_t B = static_cast<int64_t>(p.main->row_ptr.size()) - 1, M = p.M, Md = M * p.d;
   B_ = B;
@@ -841,6 +845,7 @@ void InPlaceBackward::Forward(const Problem& p, const float* x) {
   const int64_t groups = (B + kAuxGroupRows - 1) / kAuxGroupRows;
   if (aux) aux_sums_.assign(groups * (Md + 1), 0.0);
   const double bm = static_cast<double>(B * M);
+  stashed_ = stash != nullptr && B * Md <= stash_floats ? stash : nullptr;
   const InPlaceForwardArgs args{p.main,
                                 p.aux,
                                 p.dec,
@@ -856,7 +861,8 @@ void InPlaceBackward::Forward(const Problem& p, const float* x) {
                                 scale_.data(),
                                 gp_main_.data(),
                                 gp_aux_.data(),
-                                aux_sums_.data()};
+                                aux_sums_.data(),
+                                stashed_};
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     std::vector<float> rows(2 * Md);
     InPlaceForwardRows(args, g0, g1, rows.data(), rows.data() + Md);
@@ -896,11 +902,18 @@ void InPlaceBackward::Backward(float* x, float* g_enc, float* g_dec, float* g_be
     InPlaceEncoderRows(entries_, gp_main_.data(), gp_aux_.data(), aux_scale, x, Md, g_enc, g_benc,
                        row_sq, i0, i1);
   });
-  // x := xhat - x, decoded again (the operations of Forward: the same residual).
-  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
-    std::vector<float> row(Md);
-    InPlaceResidualRows(*p_.main, p_.dec, p_.b_dec, Md, x, row.data(), b0, b1);
-  });
+  // x := xhat - x: Forward's residual when it was stashed, else decoded again (by the operations
+  // of Forward: the same residual).
+  if (stashed_ != nullptr) {
+    at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
+      std::memcpy(x + b0 * Md, stashed_ + b0 * Md, sizeof(float) * (b1 - b0) * Md);
+    });
+  } else {
+    at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+      std::vector<float> row(Md);
+      InPlaceResidualRows(*p_.main, p_.dec, p_.b_dec, Md, x, row.data(), b0, b1);
+    });
+  }
   at::parallel_for(0, Md, 256, [&](int64_t j0, int64_t j1) {
     std::vector<double> acc(j1 - j0);
     InPlaceDecoderBias(x, scale_.data(), B, M, d, acc.data(), g_bdec, j0, j1);

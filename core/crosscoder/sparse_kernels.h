@@ -194,9 +194,12 @@ inline float LossRowScale(bool l2, float e2, double bm) {
 // residual fit). Same results as those, up to float rounding (sums run in another order).
 //   Forward (token order): decodes each row into a row of scratch, keeps its per-model squared
 //     errors, the loss and every entry's dL/dpre; with AuxK, the aux loss and its dL/dpre.
-//   Backward: the encoder gradients (the last use of x, latent order), then x := xhat - x (decoded
-//     again), the decoder-bias gradient and the decoder gradients from it; with AuxK, x += the aux
+//   Backward: the encoder gradients (the last use of x, latent order), then x := xhat - x, the
+//     decoder-bias gradient and the decoder gradients from it; with AuxK, x += the aux
 //     reconstruction and the dead latents' decoder rows get its share.
+// xhat - x is decoded again in Backward unless Forward is given a stash: memory that is free until
+// Backward's encoder gradients are done (the trainer lends the decoder-gradient rows, which the
+// encoder gradients do not touch, when they can hold [B, M*d]).
 class InPlaceBackward {
  public:
   struct Problem {
@@ -208,7 +211,7 @@ class InPlaceBackward {
     bool l2_loss = false;
     double aux_alpha = 0;
   };
-  void Forward(const Problem& p, const float* x);
+  void Forward(const Problem& p, const float* x, float* stash = nullptr, int64_t stash_floats = 0);
   const std::vector<float>& e2() const { return e2_; }  // [B, M]
   double loss() const { return loss_; }
   double aux_loss() const { return aux_loss_; }  // before aux_alpha
@@ -222,6 +225,7 @@ class InPlaceBackward {
   std::vector<float> gp_main_, gp_aux_;  // dL/dpre per entry (gp_aux_ before aux_scale_)
   std::vector<double> aux_sums_;         // per group of rows: sum of residuals [M*d], ||fit||^2
   LatentEntries entries_;
+  float* stashed_ = nullptr;  // Forward's residual [B, M*d], when it had room
   double loss_ = 0, aux_loss_ = 0, aux_scale_ = 0;
 };
 

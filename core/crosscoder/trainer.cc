@@ -368,7 +368,11 @@ absl::Status Trainer::LossAndGradientsInPlace(bool use_aux, bool want_stats, Ste
   p.d = d_;
   p.l2_loss = o_.batch_top_k_loss == "l2";
   p.aux_alpha = o_.auxk_alpha;
-  in_place_.Forward(p, x_.data_ptr<float>());
+  // The decoder-gradient rows are free until the encoder gradients are done: Forward keeps the
+  // residual there when it fits (B <= F), which saves decoding the batch a second time.
+  float* g = grads_.data_ptr<float>();
+  const int64_t fmd = F_ * Md_;
+  in_place_.Forward(p, x_.data_ptr<float>(), g + fmd, fmd);
   sums->loss += in_place_.loss();
   if (use_aux) sums->aux_loss += in_place_.aux_loss();
   if (want_stats) {
@@ -380,8 +384,6 @@ absl::Status Trainer::LossAndGradientsInPlace(bool use_aux, bool want_stats, Ste
     if (!observed_x_.defined()) observed_x_ = at::empty_like(x_);
     observed_x_.copy_(x_);
   }
-  float* g = grads_.data_ptr<float>();
-  const int64_t fmd = F_ * Md_;
   latent_sq_.resize(F_);
   in_place_.Backward(x_.data_ptr<float>(), g, g + fmd, g + 2 * fmd, g + 2 * fmd + F_,
                      latent_sq_.data());

@@ -208,9 +208,10 @@ TEST(InPlaceBackwardTest, MatchesTheBatchBackward) {
   const at::Tensor x0 = at::randn({B, Md}, gen), dec = at::randn({F, Md}, gen),
                    b_dec = at::randn({Md}, gen);
   const std::vector<int32_t> dead = {3, 17, 18, 31, 39};
-  for (bool l2 : {false, true}) {
-    for (bool with_aux : {false, true}) {
-      SCOPED_TRACE(testing::Message() << "l2 " << l2 << " aux " << with_aux);
+  for (int variant = 0; variant < 8; ++variant) {
+    const bool l2 = variant & 1, with_aux = variant & 2, stash = variant & 4;
+    {
+      SCOPED_TRACE(testing::Message() << "l2 " << l2 << " aux " << with_aux << " stash " << stash);
       at::Tensor dense, dense_aux;
       const SparseCodes codes = RandomCodes(B, F, 4, {}, 7, &dense);
       const SparseCodes aux = RandomCodes(B, F, 2, dead, 8, &dense_aux);
@@ -248,7 +249,15 @@ TEST(InPlaceBackwardTest, MatchesTheBatchBackward) {
       p.l2_loss = l2;
       p.aux_alpha = alpha;
       at::Tensor x = x0.clone();
-      ip.Forward(p, x.data_ptr<float>());
+      // With a stash (room for the residual) Backward copies it instead of decoding again; a
+      // stash too small is not used.
+      std::vector<float> room(stash ? B * Md : B * Md - 1, 7.f);
+      ip.Forward(p, x.data_ptr<float>(), room.data(), static_cast<int64_t>(room.size()));
+      if (stash) {
+        EXPECT_TRUE(at::allclose(at::from_blob(room.data(), {B, Md}), err, 1e-5, 1e-5));
+      } else {
+        EXPECT_EQ(room[0], 7.f) << "a stash too small stays untouched";
+      }
       EXPECT_NEAR(ip.loss(), loss, 1e-6 * loss);
       if (with_aux) {
         const double want = fit.to(at::kDouble).pow(2).sum().item<double>() / denom;

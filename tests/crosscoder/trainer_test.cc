@@ -146,6 +146,12 @@ TEST(TrainerGradientTest, BatchTopKSquaredWithAuxKMatchesAutograd) {
   o.dict_size = kF;
   o.k = 2;
   ExpectGradientsMatchAutograd(o, "batch_top_k squared + auxk", true);
+  // A batch no larger than the dictionary: the step keeps its residual in the decoder-gradient rows
+  // instead of decoding the batch twice.
+  o.out_dir = TempDir("grad_sq_stash");
+  o.batch_size = 32;
+  o.dead_tokens_threshold = 64;
+  ExpectGradientsMatchAutograd(o, "batch_top_k squared + auxk, batch <= dict", true);
 }
 
 TEST(TrainerGradientTest, ReluL1MatchesAutograd) {
