@@ -133,6 +133,17 @@ std::string ParentDir(const std::string& path) {
   return path.substr(0, slash);
 }
 
+// A header object holding only `metadata` (as "__metadata__", when there is any).
+Json HeaderWithMetadata(const std::map<std::string, std::string>& metadata) {
+  Json header = Json::object();
+  if (!metadata.empty()) {
+    Json meta = Json::object();
+    for (const auto& [k, v] : metadata) meta[k] = v;
+    header["__metadata__"] = meta;
+  }
+  return header;
+}
+
 std::string TemporaryPath(const std::string& path) {
   return absl::StrCat(path, ".tmp-", ::getpid());
 }
@@ -502,12 +513,7 @@ absl::Status SafetensorsWriter::AddBorrowed(const std::string& name, DType dtype
 }
 
 absl::Status SafetensorsWriter::Write(const std::string& path) const {
-  Json header = Json::object();
-  if (!metadata_.empty()) {
-    Json meta = Json::object();
-    for (const auto& [k, v] : metadata_) meta[k] = v;
-    header["__metadata__"] = meta;
-  }
+  Json header = HeaderWithMetadata(metadata_);
   uint64_t offset = 0;
   for (const auto& [name, e] : entries_) {  // std::map: sorted by name, as the reference lays out
     header[name] = {{"dtype", std::string(DTypeName(e.dtype))},
@@ -587,12 +593,7 @@ SafetensorsRowWriter::~SafetensorsRowWriter() {
 }
 
 std::string SafetensorsRowWriter::HeaderText(int64_t rows) const {
-  Json header = Json::object();
-  if (!metadata_.empty()) {
-    Json meta = Json::object();
-    for (const auto& [k, v] : metadata_) meta[k] = v;
-    header["__metadata__"] = meta;
-  }
+  Json header = HeaderWithMetadata(metadata_);
   uint64_t offset = 0;
   for (size_t c = 0; c < columns_.size(); ++c) {  // the first column first, then the kept ones
     std::vector<int64_t> shape = {rows};

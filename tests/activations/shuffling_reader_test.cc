@@ -273,16 +273,6 @@ TEST_F(ShufflingReaderTest, BadOptionsAreRejected) {
               HasSubstr("hold 1000 rows, too few for one batch of 2000"));
 }
 
-// Resident memory of this process in bytes (VmRSS).
-int64_t ResidentBytes() {
-  std::ifstream in("/proc/self/status");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind("VmRSS:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
-  }
-  return -1;
-}
-
 TEST(ShufflingReaderMemoryTest, MemoryStaysBoundedOnAStoreLargerThanTheBuffer) {
   ScratchDir dir;
   // 16384 rows x 2 models x 512 floats = 64 MiB of activations; the buffer is 512 rows (2 MiB).
@@ -304,12 +294,12 @@ TEST(ShufflingReaderMemoryTest, MemoryStaysBoundedOnAStoreLargerThanTheBuffer) {
   auto r = ShufflingReader::Open(dir.path(), o);
   ASSERT_TRUE(r.ok()) << r.status();
   ASSERT_TRUE((*r)->Next().ok());  // warm up allocator and code pages
-  const int64_t before = ResidentBytes();
+  const int64_t before = testing_util::ResidentBytes();
   int64_t peak = before;
   for (int i = 0; i < 2 * 128; ++i) {  // two full epochs over 64 MiB
     auto b = (*r)->Next();
     ASSERT_TRUE(b.ok()) << b.status();
-    peak = std::max(peak, ResidentBytes());
+    peak = std::max(peak, testing_util::ResidentBytes());
   }
   const int64_t store_bytes = int64_t{16384} * 2 * 512 * 4;
   // Without dropping mapped pages the whole store (64 MiB) would become resident.

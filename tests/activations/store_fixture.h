@@ -3,11 +3,22 @@
 
 #include <ATen/ATen.h>
 
+#include <fstream>
 #include <string>
 
 #include "core/activations/store.h"
 
 namespace crossdiff::activations::testing_util {
+
+// Resident memory of this process in bytes (VmRSS).
+inline int64_t ResidentBytes() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("VmRSS:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
+  }
+  return -1;
+}
 
 // `rows` rows of random activations [rows, n_models, d]; sequence_ids = seed * 1e6 + row (so a row
 // can be identified after shuffling), token_ids = row % 1000, positions = row % 17, ids as I64.

@@ -222,16 +222,6 @@ TEST(StoreTest, WritesShardByShardAndReadsBack) {
   }
 }
 
-// Resident memory of this process in bytes (VmRSS).
-int64_t ResidentBytes() {
-  std::ifstream in("/proc/self/status");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind("VmRSS:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
-  }
-  return -1;
-}
-
 TEST(StoreTest, RowsGoToTheOpenShardsFileAsTheyArrive) {
   ScratchDir dir;
   StoreWriter::Options opts;
@@ -241,11 +231,11 @@ TEST(StoreTest, RowsGoToTheOpenShardsFileAsTheyArrive) {
   auto writer = StoreWriter::Create(dir.path(), opts);
   ASSERT_TRUE(writer.ok()) << writer.status();
   ASSERT_TRUE((*writer)->Append(testing_util::MakeRows(256, 2, 512, 0)).ok());  // warm up
-  const int64_t before = ResidentBytes();
+  const int64_t before = testing_util::ResidentBytes();
   int64_t peak = before;
   for (int part = 1; part < 32; ++part) {  // 31 more batches of 1 MiB
     ASSERT_TRUE((*writer)->Append(testing_util::MakeRows(256, 2, 512, part)).ok());
-    peak = std::max(peak, ResidentBytes());
+    peak = std::max(peak, testing_util::ResidentBytes());
   }
   // Holding the shard until it is full would take 32 MiB.
   EXPECT_LT(peak - before, 8 << 20) << "before " << before << " peak " << peak;
@@ -255,8 +245,8 @@ TEST(StoreTest, RowsGoToTheOpenShardsFileAsTheyArrive) {
   auto manifest = (*writer)->Finish();
   ASSERT_TRUE(manifest.ok()) << manifest.status();
   EXPECT_EQ(manifest->rows, 32 * 256);
-  EXPECT_THAT(dir.List(), ::testing::UnorderedElementsAre("shard-000000.safetensors",
-                                                          "manifest.json"));
+  EXPECT_THAT(dir.List(),
+              ::testing::UnorderedElementsAre("shard-000000.safetensors", "manifest.json"));
   auto reader = StoreReader::Open(dir.path());
   ASSERT_TRUE(reader.ok()) << reader.status();
   auto rows = (*reader)->ReadRows(31 * 256, 32 * 256);

@@ -7,6 +7,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <numeric>
 
 #include "gmock/gmock.h"
@@ -38,6 +39,21 @@ std::vector<uint8_t> Pattern(size_t n, uint8_t seed) {
   std::vector<uint8_t> out(n);
   for (size_t i = 0; i < n; ++i) out[i] = static_cast<uint8_t>(seed + i * 7);
   return out;
+}
+
+// Runs fn with the process's file-size limit lowered to `bytes` (write() past it fails with EFBIG
+// instead of raising SIGXFSZ), then restores the limit.
+absl::Status WithFileSizeLimit(rlim_t bytes, const std::function<absl::Status()>& fn) {
+  struct rlimit old_limit;
+  if (::getrlimit(RLIMIT_FSIZE, &old_limit) != 0) return absl::InternalError("getrlimit");
+  auto old_handler = ::signal(SIGXFSZ, SIG_IGN);
+  struct rlimit limit = old_limit;
+  limit.rlim_cur = bytes;
+  if (::setrlimit(RLIMIT_FSIZE, &limit) != 0) return absl::InternalError("setrlimit");
+  absl::Status s = fn();
+  ::setrlimit(RLIMIT_FSIZE, &old_limit);
+  ::signal(SIGXFSZ, old_handler);
+  return s;
 }
 
 TEST(DTypeTest, NamesAndSizes) {
@@ -365,15 +381,7 @@ TEST(SafetensorsWriterTest, FailedWriteLeavesOldFileAndNoPartialFile) {
   std::vector<uint8_t> big(1 << 20, 3);
   SafetensorsWriter w;
   ASSERT_TRUE(w.Add("big", DType::kU8, {1 << 20}, big.data(), big.size()).ok());
-  struct rlimit old_limit;
-  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old_limit), 0);
-  auto old_handler = ::signal(SIGXFSZ, SIG_IGN);
-  struct rlimit limit = old_limit;
-  limit.rlim_cur = 64 * 1024;
-  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &limit), 0);
-  absl::Status s = w.Write(path);
-  ::setrlimit(RLIMIT_FSIZE, &old_limit);
-  ::signal(SIGXFSZ, old_handler);
+  absl::Status s = WithFileSizeLimit(64 * 1024, [&] { return w.Write(path); });
 
   EXPECT_EQ(s.code(), absl::StatusCode::kOutOfRange) << s;  // EFBIG
   EXPECT_THAT(std::string(s.message()), HasSubstr(path + ": write failed"));
@@ -472,15 +480,7 @@ TEST(SafetensorsRowWriterTest, FailedWriteLeavesNoFileAndTheWriterUnusable) {
   auto w = SafetensorsRowWriter::Open(path, {{"x", DType::kU8, {1024}}}, 1024);
   ASSERT_TRUE(w.ok()) << w.status();
   std::vector<uint8_t> rows(256 * 1024, 1);
-  struct rlimit old_limit;
-  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old_limit), 0);
-  auto old_handler = ::signal(SIGXFSZ, SIG_IGN);
-  struct rlimit limit = old_limit;
-  limit.rlim_cur = 64 * 1024;
-  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &limit), 0);
-  absl::Status s = (*w)->Append({rows.data()}, 256);
-  ::setrlimit(RLIMIT_FSIZE, &old_limit);
-  ::signal(SIGXFSZ, old_handler);
+  absl::Status s = WithFileSizeLimit(64 * 1024, [&] { return (*w)->Append({rows.data()}, 256); });
   EXPECT_EQ(s.code(), absl::StatusCode::kOutOfRange) << s;  // EFBIG
   EXPECT_THAT(std::string(s.message()), HasSubstr(path + ": write failed"));
   EXPECT_TRUE(dir.List().empty());
