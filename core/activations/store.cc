@@ -220,8 +220,8 @@ absl::Status StoreWriter::FinishShard() {
 absl::StatusOr<Manifest> StoreWriter::Finish(bool write_manifest) {
   const std::string what = absl::StrCat("store writer ", dir_);
   if (finished_) return absl::FailedPreconditionError(absl::StrCat(what, ": already finished"));
-  if (shard_ != nullptr && shard_->rows() > 0) RETURN_IF_ERROR(FinishShard());
-  shard_.reset();
+  // An open shard holds rows (it is opened only to take some); one whose write failed fails here.
+  if (shard_ != nullptr) RETURN_IF_ERROR(FinishShard());
   finished_ = true;
   Manifest m;
   m.models = opts_.models;

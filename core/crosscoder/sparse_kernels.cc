@@ -97,33 +97,7 @@ void CountKept(const float* pre, int64_t F, const float* w, uint32_t tkey, int64
   }
 }
 
-CROSSDIFF_VECTOR_CLONES
-void DecodeRows(const SparseCodes& c, const float* dec, int64_t Md, const float* bias, float* out,
-                int64_t b0, int64_t b1) {
-  for (int64_t b = b0; b < b1; ++b) {
-    float* __restrict y = out + b * Md;
-    if (bias != nullptr) {
-      std::memcpy(y, bias, sizeof(float) * Md);
-    } else {
-      std::memset(y, 0, sizeof(float) * Md);
-    }
-    for (int64_t e = c.row_ptr[b]; e < c.row_ptr[b + 1]; ++e) {
-      const float a = c.value[e];
-      const float* __restrict d = dec + static_cast<int64_t>(c.latent[e]) * Md;
-#pragma omp simd
-      for (int64_t j = 0; j < Md; ++j) y[j] += a * d[j];
-    }
-  }
-}
-
-CROSSDIFF_VECTOR_CLONES float SegmentSquaredNorm(const float* __restrict x, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += x[j] * x[j];
-  return s;
-}
-
-// InPlaceBackward's kernels: row helpers inlined into drivers that each get the vector clones.
+// Row helpers, inlined into the kernels below (each of which gets the vector clones).
 
 #if defined(__GNUC__)
 #define CROSSDIFF_INLINE inline __attribute__((always_inline))
@@ -172,6 +146,18 @@ CROSSDIFF_INLINE void DecodeRow(const SparseCodes& c, int64_t b, const float* de
     Axpy(c.value[e], dec + static_cast<int64_t>(c.latent[e]) * Md, Md, y);
   }
 }
+
+CROSSDIFF_VECTOR_CLONES
+void DecodeRows(const SparseCodes& c, const float* dec, int64_t Md, const float* bias, float* out,
+                int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) DecodeRow(c, b, dec, Md, bias, false, out + b * Md);
+}
+
+CROSSDIFF_VECTOR_CLONES float SegmentSquaredNorm(const float* __restrict x, int64_t n) {
+  return SquaredSum(x, n);
+}
+
+// InPlaceBackward's kernels.
 
 struct InPlaceForwardArgs {
   const SparseCodes* main;
@@ -944,10 +930,7 @@ namespace {
 
 // Vectorised (the lanes' partial sums are added at the end: a fixed order for a given n).
 CROSSDIFF_VECTOR_CLONES double SquaredNormRange(const float* __restrict x, int64_t n) {
-  double s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += static_cast<double>(x[j]) * x[j];
-  return s;
+  return SquaredSumDouble(x, n);
 }
 
 }  // namespace
