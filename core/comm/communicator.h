@@ -6,13 +6,13 @@
 // Not thread-safe: one thread issues collectives, in the same order on every rank.
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <ATen/ATen.h>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -20,6 +20,16 @@
 namespace crossdiff::comm {
 
 enum class ReduceOp { kSum, kMax, kMin };
+
+// A collective in flight (Communicator::StartAllReduce). Wait() blocks until it has completed,
+// bounded by the communicator's timeout, and returns its status (the same errors as the blocking
+// call); later calls return that status again. Destroying a handle that was never waited for waits
+// for it: the collective's tensor must outlive it either way. Not thread-safe.
+class PendingCollective {
+ public:
+  virtual ~PendingCollective() = default;
+  virtual absl::Status Wait() = 0;
+};
 
 class Communicator {
  public:
@@ -31,8 +41,20 @@ class Communicator {
 
   // In place: every rank ends with the reduction of all ranks' `t`.
   virtual absl::Status AllReduce(at::Tensor& t, ReduceOp op = ReduceOp::kSum) = 0;
+  // Starts the same in-place all-reduce and returns while it runs, so that the caller can compute
+  // meanwhile (gradient buckets reduced during the backward pass). `t` must stay alive and
+  // untouched until the handle's Wait() returns. Counts as one collective in the rank's sequence:
+  // every rank starts it at the same point, and collectives issued before its Wait() run after
+  // it. Errors found before it runs (a bad tensor, a broken communicator) come back here, errors
+  // in flight from Wait(). Backends without asynchronous collectives run it to completion here
+  // (the default).
+  virtual absl::StatusOr<std::unique_ptr<PendingCollective>> StartAllReduce(
+      at::Tensor& t, ReduceOp op = ReduceOp::kSum);
   // `out` is [world_size * in.numel()] laid out rank by rank (contiguous, same dtype).
   virtual absl::Status AllGather(const at::Tensor& in, at::Tensor& out) = 0;
+  // AllGather, started as StartAllReduce is (`in` and `out` untouched until Wait() returns).
+  virtual absl::StatusOr<std::unique_ptr<PendingCollective>> StartAllGather(const at::Tensor& in,
+                                                                            at::Tensor& out);
   // `in` is [world_size * out.numel()]; rank r receives the reduction of block r.
   virtual absl::Status ReduceScatter(const at::Tensor& in, at::Tensor& out,
                                      ReduceOp op = ReduceOp::kSum) = 0;

@@ -38,6 +38,10 @@ std::string FirstLine(std::string msg) {
 }
 
 class GlooCommunicator final : public Communicator {
+  // c10d's handle of a launched collective (its type differs between LibTorch 1.x and 2.x).
+  using WorkPtr = decltype(std::declval<c10d::ProcessGroupGloo&>().barrier());
+  using LaunchFn = std::function<WorkPtr()>;
+
  public:
   GlooCommunicator(std::unique_ptr<Rendezvous> rendezvous,
                    c10::intrusive_ptr<c10d::ProcessGroupGloo> group)
@@ -62,39 +66,35 @@ class GlooCommunicator final : public Communicator {
       t.copy_(wide);
       return absl::OkStatus();
     }
-    return Run("AllReduce", RingAllReduceBytes(t.nbytes(), world_size()), [&] {
-      std::vector<at::Tensor> tensors{t};
-      c10d::AllreduceOptions opts;
-      opts.reduceOp = ToC10d(op);
-      return group_->allreduce(tensors, opts);
-    });
+    return Run("AllReduce", RingAllReduceBytes(t.nbytes(), world_size()), LaunchAllReduce(t, op));
+  }
+
+  absl::StatusOr<std::unique_ptr<PendingCollective>> StartAllReduce(at::Tensor& t,
+                                                                    ReduceOp op) override {
+    if (NeedsWidening(t)) return Communicator::StartAllReduce(t, op);  // widened, blocking
+    if (absl::Status s = CheckCollectiveTensor(rank(), "AllReduce", t, at::kCPU); !s.ok()) return s;
+    return StartPending("AllReduce", RingAllReduceBytes(t.nbytes(), world_size()),
+                        LaunchAllReduce(t, op));
   }
 
   absl::Status AllGather(const at::Tensor& in, at::Tensor& out) override {
-    if (absl::Status s = CheckCollectiveTensor(rank(), "AllGather", in, at::kCPU); !s.ok()) {
-      return s;
-    }
-    if (absl::Status s = CheckCollectiveTensor(rank(), "AllGather", out, at::kCPU); !s.ok()) {
-      return s;
-    }
-    if (absl::Status s = CheckBlockedPair(rank(), world_size(), "AllGather", in, out); !s.ok()) {
-      return s;
-    }
+    if (absl::Status s = CheckAllGather(in, out); !s.ok()) return s;
     if (NeedsWidening(in)) {
       at::Tensor wide_out = at::empty(out.sizes(), out.options().dtype(at::kFloat));
       if (absl::Status s = AllGather(in.to(at::kFloat), wide_out); !s.ok()) return s;
       out.copy_(wide_out);
       return absl::OkStatus();
     }
-    return Run("AllGather", RingAllGatherBytes(in.nbytes(), world_size()), [&] {
-      // Gloo gathers into a flat buffer, then copies each block into these views of `out`.
-      std::vector<at::Tensor> blocks;
-      at::Tensor flat_out = out.view({world_size(), in.numel()});
-      for (int r = 0; r < world_size(); ++r) blocks.push_back(flat_out[r]);
-      std::vector<std::vector<at::Tensor>> outputs{blocks};
-      std::vector<at::Tensor> inputs{in.reshape({in.numel()})};
-      return group_->allgather(outputs, inputs);
-    });
+    return Run("AllGather", RingAllGatherBytes(in.nbytes(), world_size()),
+               LaunchAllGather(in, out));
+  }
+
+  absl::StatusOr<std::unique_ptr<PendingCollective>> StartAllGather(const at::Tensor& in,
+                                                                    at::Tensor& out) override {
+    if (NeedsWidening(in)) return Communicator::StartAllGather(in, out);  // widened, blocking
+    if (absl::Status s = CheckAllGather(in, out); !s.ok()) return s;
+    return StartPending("AllGather", RingAllGatherBytes(in.nbytes(), world_size()),
+                        LaunchAllGather(in, out));
   }
 
   absl::Status ReduceScatter(const at::Tensor& in, at::Tensor& out, ReduceOp op) override {
@@ -169,32 +169,118 @@ class GlooCommunicator final : public Communicator {
   // every bfloat16 value exactly (sums are rounded once, at the end).
   static bool NeedsWidening(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; }
 
-  // Launches one collective and waits for it (bounded by the timeout both in Gloo's own transport
-  // and in the wait). The first failure breaks the communicator: the ranks' collective sequences
-  // no longer line up, so later calls fail fast with the original error.
+  absl::Status CheckAllGather(const at::Tensor& in, const at::Tensor& out) const {
+    if (absl::Status s = CheckCollectiveTensor(rank(), "AllGather", in, at::kCPU); !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = CheckCollectiveTensor(rank(), "AllGather", out, at::kCPU); !s.ok()) {
+      return s;
+    }
+    return CheckBlockedPair(rank(), world_size(), "AllGather", in, out);
+  }
+
+  // The c10d calls of the collectives that also run asynchronously (tensors already checked).
+  LaunchFn LaunchAllReduce(const at::Tensor& t, ReduceOp op) {
+    return [this, t, op] {
+      std::vector<at::Tensor> tensors{t};
+      c10d::AllreduceOptions opts;
+      opts.reduceOp = ToC10d(op);
+      return group_->allreduce(tensors, opts);
+    };
+  }
+  LaunchFn LaunchAllGather(const at::Tensor& in, const at::Tensor& out) {
+    return [this, in, out] {
+      // Gloo gathers into a flat buffer, then copies each block into these views of `out`.
+      std::vector<at::Tensor> blocks;
+      at::Tensor flat_out = out.view({world_size(), in.numel()});
+      for (int r = 0; r < world_size(); ++r) blocks.push_back(flat_out[r]);
+      std::vector<std::vector<at::Tensor>> outputs{blocks};
+      std::vector<at::Tensor> inputs{in.reshape({in.numel()})};
+      return group_->allgather(outputs, inputs);
+    };
+  }
+
+  // An all-reduce Gloo runs on its own threads; Wait() finishes it as Run() does.
+  class Pending final : public PendingCollective {
+   public:
+    Pending(GlooCommunicator* comm, const char* what, WorkPtr work, int64_t seq, int64_t bytes)
+        : comm_(comm), what_(what), work_(std::move(work)), seq_(seq), bytes_(bytes) {}
+    ~Pending() override { (void)Wait(); }
+    absl::Status Wait() override {
+      if (work_) {
+        status_ = comm_->Finish(what_, seq_, bytes_, work_);
+        work_.reset();
+      }
+      return status_;
+    }
+
+   private:
+    GlooCommunicator* comm_;
+    const char* what_;
+    WorkPtr work_;
+    int64_t seq_, bytes_;
+    absl::Status status_;
+  };
+
+  // Launches one collective (numbered in this rank's sequence; the heartbeat says which one this
+  // rank is in, for the failure messages of rendezvous.h).
   template <typename Launch>
-  absl::Status Run(const char* what, int64_t bytes, Launch&& launch) {
+  absl::StatusOr<WorkPtr> Start(const char* what, Launch&& launch) {
     if (!broken_.ok()) {
       return absl::FailedPreconditionError(absl::StrCat(
           "rank ", rank(), ": ", what, " on a communicator broken by: ", broken_.message()));
     }
     ++seq_;
     rendezvous_->EnterCollective(seq_);
-    std::string error;
     try {
-      auto work = launch();
+      return WorkPtr(launch());
+    } catch (const c10::Error& e) {
+      return Fail(what, seq_, FirstLine(e.what_without_backtrace()));
+    } catch (const std::exception& e) {
+      return Fail(what, seq_, FirstLine(e.what()));
+    }
+  }
+
+  // Waits for a launched collective, bounded by the timeout both in Gloo's own transport and in
+  // the wait.
+  absl::Status Finish(const char* what, int64_t seq, int64_t bytes, const WorkPtr& work) {
+    try {
       work->wait(rendezvous_->options().timeout);
       bytes_ += bytes;
       return absl::OkStatus();
     } catch (const c10::Error& e) {
-      error = FirstLine(e.what_without_backtrace());
+      return Fail(what, seq, FirstLine(e.what_without_backtrace()));
     } catch (const std::exception& e) {
-      error = FirstLine(e.what());
+      return Fail(what, seq, FirstLine(e.what()));
     }
+  }
+
+  // The first failure breaks the communicator: the ranks' collective sequences no longer line
+  // up, so later calls fail fast with the original error.
+  absl::Status Fail(const char* what, int64_t seq, const std::string& error) {
+    if (!broken_.ok()) return broken_;
     const bool timed_out = absl::StrContains(absl::AsciiStrToLower(error), "timed out") ||
                            absl::StrContains(absl::AsciiStrToLower(error), "timeout");
-    broken_ = rendezvous_->ExplainFailure(what, seq_, error, timed_out);
+    broken_ = rendezvous_->ExplainFailure(what, seq, error, timed_out);
     return broken_;
+  }
+
+  // Launches one collective and returns its handle.
+  template <typename Launch>
+  absl::StatusOr<std::unique_ptr<PendingCollective>> StartPending(const char* what, int64_t bytes,
+                                                                  Launch&& launch) {
+    absl::StatusOr<WorkPtr> work = Start(what, std::forward<Launch>(launch));
+    if (!work.ok()) return work.status();
+    return std::unique_ptr<PendingCollective>(
+        new Pending(this, what, *std::move(work), seq_, bytes));
+  }
+
+  // Launches one collective and waits for it.
+  template <typename Launch>
+  absl::Status Run(const char* what, int64_t bytes, Launch&& launch) {
+    absl::StatusOr<WorkPtr> work = Start(what, std::forward<Launch>(launch));
+    if (!work.ok()) return work.status();
+    return Finish(what, seq_, bytes, *work);
   }
 
   std::unique_ptr<Rendezvous> rendezvous_;

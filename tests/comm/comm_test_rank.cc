@@ -7,8 +7,8 @@
 //   echo         prints "hello from rank R of W" on stdout and "note from rank R" on stderr
 //   collectives  checks every collective over several dtypes; prints COLLECTIVES_OK or MISMATCH ...
 //   fail         the victim exits 3 after a barrier; the others sleep (the launcher must stop them)
-//   die          the victim _exit(7)s after a barrier; the others run an AllReduce and print
-//                "EXPECTED_ERROR <code>: <message>"
+//   die          the victim _exit(7)s after a barrier; the others run an AllReduce (with
+//                --pending: StartAllReduce, then Wait) and print "EXPECTED_ERROR <code>: <message>"
 //   hang         the victim sleeps (until --release-file exists) instead of joining the AllReduce;
 //                the others print EXPECTED_ERROR, then create the release file
 //   freeze       the victim writes its pid to --release-file and stops itself (SIGSTOP: no
@@ -22,6 +22,7 @@
 #include <fstream>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -99,6 +100,61 @@ std::string CheckCollectives(Communicator& comm) {
   for (int i = 0; i < 3; ++i) {
     if (absl::Status s = comm.Barrier(); !s.ok()) problems += "Barrier: " + s.ToString() + "; ";
   }
+  // Several all-reduces in flight at once, a blocking collective issued between them, waited for
+  // out of order; one handle is dropped unwaited (its destructor waits).
+  {
+    std::vector<at::Tensor> parts;
+    std::vector<std::unique_ptr<crossdiff::comm::PendingCollective>> pending;
+    for (int i = 0; i < 4; ++i) {
+      parts.push_back(at::full({(1 << 18) + i}, static_cast<float>((r + 1) * (i + 1))));
+      auto p = comm.StartAllReduce(parts.back());
+      if (!p.ok()) {
+        problems += "StartAllReduce: " + p.status().ToString() + "; ";
+        return problems;
+      }
+      pending.push_back(*std::move(p));
+      if (i == 1) {
+        at::Tensor between = at::full({7}, static_cast<float>(r));
+        expect("AllReduce between started ones", comm.AllReduce(between), between,
+               at::full({7}, static_cast<float>(rank_sum)));
+      }
+    }
+    for (int i : {2, 0, 1}) {
+      expect("StartAllReduce #" + std::to_string(i), pending[i]->Wait(), parts[i],
+             at::full({(1 << 18) + i}, static_cast<float>((rank_sum + w) * (i + 1))));
+      if (absl::Status again = pending[i]->Wait(); !again.ok()) {
+        problems += "second Wait: " + again.ToString() + "; ";
+      }
+    }
+    pending[3].reset();
+    expect("StartAllReduce dropped unwaited", absl::OkStatus(), parts[3],
+           at::full({(1 << 18) + 3}, static_cast<float>((rank_sum + w) * 4)));
+    // An all-gather and an all-reduce in flight together.
+    at::Tensor mine = at::full({(1 << 18) + 5}, static_cast<float>(r));
+    at::Tensor all = at::zeros({w * ((1 << 18) + 5)});
+    at::Tensor sum = at::full({33}, static_cast<float>(r));
+    auto gathering = comm.StartAllGather(mine, all);
+    auto reducing = comm.StartAllReduce(sum);
+    if (!gathering.ok() || !reducing.ok()) {
+      problems += "StartAllGather/StartAllReduce: " + gathering.status().ToString() + " / " +
+                  reducing.status().ToString() + "; ";
+      return problems;
+    }
+    expect("StartAllReduce beside StartAllGather", (*reducing)->Wait(), sum,
+           at::full({33}, static_cast<float>(rank_sum)));
+    expect("StartAllGather", (*gathering)->Wait(), all,
+           at::arange(w, at::kFloat).repeat_interleave((1 << 18) + 5));
+    at::Tensor wrong = at::zeros({w * 3 + 1});
+    auto bad_start = comm.StartAllGather(at::zeros({3}), wrong);
+    if (bad_start.ok() || bad_start.status().code() != absl::StatusCode::kInvalidArgument) {
+      problems +=
+          "StartAllGather with a wrong output size: " + bad_start.status().ToString() + "; ";
+    }
+    at::Tensor half = (at::arange(5, at::kLong) + r).to(at::kBFloat16);
+    auto p = comm.StartAllReduce(half);
+    expect("StartAllReduce bf16", p.ok() ? (*p)->Wait() : p.status(), half,
+           (at::arange(5, at::kLong) * w + rank_sum).to(at::kBFloat16));
+  }
   // Wrong shapes are rejected before any communication, naming the rank.
   at::Tensor bad_out = at::zeros({w * 3 + 1});
   absl::Status bad = comm.AllGather(at::zeros({3}), bad_out);
@@ -118,6 +174,7 @@ int main(int argc, char** argv) {
   int64_t& victim = cl.AddInt("victim", -1, "the rank that fails or hangs");
   std::string& release_file =
       cl.AddString("release-file", "", "hang: stop sleeping when it exists");
+  bool& pending = cl.AddBool("pending", "die/hang: the others' all-reduce is a started one");
   crossdiff::comm::LaunchFlags launch = crossdiff::comm::AddLaunchFlags(cl);
   if (int rc = cl.ParseOrExit(argc, argv); rc >= 0) return rc;
 
@@ -178,7 +235,13 @@ int main(int argc, char** argv) {
       return 0;
     }
     at::Tensor t = at::ones({1000});
-    absl::Status s = comm.AllReduce(t);
+    absl::Status s;
+    if (pending) {
+      auto started = comm.StartAllReduce(t);
+      s = started.ok() ? (*started)->Wait() : started.status();
+    } else {
+      s = comm.AllReduce(t);
+    }
     std::printf("EXPECTED_ERROR %s\n", s.ToString().c_str());
     std::fflush(stdout);
     if (scenario == "hang") std::ofstream(release_file) << "done\n";

@@ -51,6 +51,19 @@ TEST(GlooFailureTest, DeadRankIsNamedByTheOthers) {
   }
 }
 
+// The same through a started all-reduce: its Wait() names the dead rank.
+TEST(GlooFailureTest, DeadRankIsNamedByAStartedAllReduce) {
+  RankRun run = RunRanks(
+      2, {"--scenario", "die", "--victim", "1", "--pending", "--comm-timeout", "20"}, false);
+  EXPECT_EQ(run.result.exit_codes[1], 7);
+  EXPECT_EQ(run.result.exit_codes[0], 0) << run.All(0);
+  EXPECT_THAT(run.Line(0, "EXPECTED_ERROR"), HasSubstr("UNAVAILABLE")) << run.All(0);
+  EXPECT_THAT(run.Line(0, "EXPECTED_ERROR"),
+              HasSubstr("rank 1 stopped responding (its process died or is frozen)"))
+      << run.All(0);
+  EXPECT_THAT(run.Line(0, "SECOND_ERROR"), HasSubstr("FAILED_PRECONDITION")) << run.All(0);
+}
+
 // Rank 0 hosts the rendezvous store: its death is named too.
 TEST(GlooFailureTest, DeadStoreHostIsNamed) {
   RankRun run = RunRanks(2, {"--scenario", "die", "--victim", "0", "--comm-timeout", "20"}, false);
@@ -78,6 +91,23 @@ TEST(GlooFailureTest, HangingRankIsNamedAfterTheTimeout) {
                 HasSubstr("rank 2 is alive but never entered it (still at #1"))
         << run.All(r);
   }
+}
+
+// A started all-reduce that a live peer never joins: Wait() gives up after the timeout.
+TEST(GlooFailureTest, HangingRankIsNamedByAStartedAllReduce) {
+  std::string release =
+      ::testing::TempDir() + "/comm_hang_pending_release_" + std::to_string(getpid());
+  std::filesystem::remove(release);
+  RankRun run = RunRanks(2,
+                         {"--scenario", "hang", "--victim", "1", "--pending", "--comm-timeout", "2",
+                          "--rendezvous-timeout", "60", "--release-file", release},
+                         false);
+  std::filesystem::remove(release);
+  EXPECT_EQ(run.result.exit_codes[0], 0) << run.All(0);
+  EXPECT_THAT(run.Line(0, "EXPECTED_ERROR"), HasSubstr("DEADLINE_EXCEEDED")) << run.All(0);
+  EXPECT_THAT(run.Line(0, "EXPECTED_ERROR"),
+              HasSubstr("rank 1 is alive but never entered it (still at #1"))
+      << run.All(0);
 }
 
 // A frozen rank (SIGSTOP: its heartbeat stops too) is told apart from a hanging one.
