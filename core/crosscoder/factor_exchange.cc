@@ -51,21 +51,25 @@ void UnpackCodes(const int32_t* in, int64_t rows, int64_t capacity, int64_t nnz,
 }  // namespace
 
 FactorExchange::FactorExchange(int64_t rows, int64_t Md, int64_t main_capacity, int64_t k_aux)
-    : rows_(rows), Md_(Md), main_capacity_(std::max<int64_t>(main_capacity, 1)),
+    : rows_(rows),
+      Md_(Md),
+      main_capacity_(std::max<int64_t>(main_capacity, 1)),
       k_aux_(std::max<int64_t>(k_aux, 0)) {
   send_ = at::zeros({BlockWords(true)}, at::TensorOptions().dtype(at::kFloat));
 }
 
-int64_t FactorExchange::TailWords() const {
-  return RoundUp(4 + rows_ + 2 * main_capacity_, Md_);
-}
+int64_t FactorExchange::TailWords() const { return RoundUp(4 + rows_ + 2 * main_capacity_, Md_); }
 
-int64_t FactorExchange::AuxTailWords() const {
-  return RoundUp(rows_ + 2 * rows_ * k_aux_, Md_);
-}
+int64_t FactorExchange::AuxTailWords() const { return RoundUp(rows_ + 2 * rows_ * k_aux_, Md_); }
 
 absl::Status FactorExchange::Exchange(comm::Communicator& comm, const kernels::SparseCodes& codes,
                                       bool aux, const kernels::SparseCodes* aux_codes) {
+  RETURN_IF_ERROR(Start(comm, codes, aux, aux_codes));
+  return Finish(comm, codes);
+}
+
+absl::Status FactorExchange::Start(comm::Communicator& comm, const kernels::SparseCodes& codes,
+                                   bool aux, const kernels::SparseCodes* aux_codes) {
   if (aux && (aux_codes == nullptr || aux_codes->nnz() > rows_ * k_aux_)) {
     return absl::InvalidArgumentError("FactorExchange: AuxK codes missing or over k_aux per token");
   }
@@ -73,7 +77,7 @@ absl::Status FactorExchange::Exchange(comm::Communicator& comm, const kernels::S
   aux_ = aux;
   float* send = send_.data_ptr<float>();
   auto* tail = reinterpret_cast<int32_t*>(send + rows_ * Md_);
-  const int64_t sent = PackCodes(codes, rows_, main_capacity_, tail + 4);
+  sent_ = PackCodes(codes, rows_, main_capacity_, tail + 4);
   tail[0] = static_cast<int32_t>(codes.nnz());
   tail[1] = static_cast<int32_t>(aux ? aux_codes->nnz() : 0);
   tail[2] = aux ? 1 : 0;
@@ -87,7 +91,17 @@ absl::Status FactorExchange::Exchange(comm::Communicator& comm, const kernels::S
     recv_ = at::empty({world_ * BlockWords(true)}, send_.options());
   }
   at::Tensor out = recv_.narrow(0, 0, world_ * block);
-  RETURN_IF_ERROR(comm.AllGather(send_.narrow(0, 0, block), out));
+  ASSIGN_OR_RETURN(gathering_, comm.StartAllGather(send_.narrow(0, 0, block), out));
+  return absl::OkStatus();
+}
+
+absl::Status FactorExchange::Finish(comm::Communicator& comm, const kernels::SparseCodes& codes) {
+  if (gathering_ == nullptr) return absl::FailedPreconditionError("FactorExchange: not started");
+  absl::Status gathered = gathering_->Wait();
+  gathering_.reset();
+  RETURN_IF_ERROR(gathered);
+  const bool aux = aux_;
+  const int64_t block = BlockWords(aux);
 
   // The headers decide, identically on every rank, whether main entries overflowed.
   const float* all = recv_.data_ptr<float>();
@@ -106,10 +120,10 @@ absl::Status FactorExchange::Exchange(comm::Communicator& comm, const kernels::S
   at::Tensor overflow;
   if (max_extra > 0) {
     at::Tensor mine = at::zeros({2 * max_extra}, at::TensorOptions().dtype(at::kInt));
-    const int64_t extra = codes.nnz() - sent;
+    const int64_t extra = codes.nnz() - sent_;
     if (extra > 0) {
-      std::memcpy(mine.data_ptr<int32_t>(), codes.latent.data() + sent, extra * sizeof(int32_t));
-      std::memcpy(mine.data_ptr<int32_t>() + max_extra, codes.value.data() + sent,
+      std::memcpy(mine.data_ptr<int32_t>(), codes.latent.data() + sent_, extra * sizeof(int32_t));
+      std::memcpy(mine.data_ptr<int32_t>() + max_extra, codes.value.data() + sent_,
                   extra * sizeof(float));
     }
     overflow = at::empty({world_ * 2 * max_extra}, mine.options());
@@ -126,15 +140,14 @@ absl::Status FactorExchange::Exchange(comm::Communicator& comm, const kernels::S
     const auto* t = reinterpret_cast<const int32_t*>(all + r * block + rows_ * Md_);
     const int64_t extra = std::max<int64_t>(0, nnz[r] - main_capacity_);
     // A rank's overflow block holds latents at [0, max_extra) and value bits after them.
-    const int32_t* over =
-        extra > 0 ? overflow.data_ptr<int32_t>() + r * 2 * max_extra : nullptr;
+    const int32_t* over = extra > 0 ? overflow.data_ptr<int32_t>() + r * 2 * max_extra : nullptr;
     UnpackCodes(t + 4, rows_, main_capacity_, nnz[r], over,
                 over != nullptr ? over + max_extra : nullptr, extra, r * block_rows, &codes_);
     if (aux) {
       const auto* aux_tail =
           reinterpret_cast<const int32_t*>(all + r * block + GauxOffset() + rows_ * Md_);
-      UnpackCodes(aux_tail, rows_, rows_ * k_aux_, aux_nnz[r], nullptr, nullptr, 0,
-                  r * block_rows, &aux_codes_);
+      UnpackCodes(aux_tail, rows_, rows_ * k_aux_, aux_nnz[r], nullptr, nullptr, 0, r * block_rows,
+                  &aux_codes_);
     }
   }
   for (kernels::SparseCodes* c : {&codes_, &aux_codes_}) {

@@ -24,6 +24,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <memory>
 
 #include "absl/status/status.h"
 #include "core/comm/communicator.h"
@@ -44,8 +45,15 @@ class FactorExchange {
 
   // Gathers every rank's block. aux must be the same on every rank (checked), aux_codes given
   // when it is set. Issues one all-gather, or two when a rank overflowed its main capacity.
+  // Exchange = Start + Finish; between the two the caller may compute, but must not touch the
+  // send rows (gmain(), gaux()) nor `codes`, and must issue no collective.
   absl::Status Exchange(comm::Communicator& comm, const kernels::SparseCodes& codes, bool aux,
                         const kernels::SparseCodes* aux_codes);
+  // Packs the codes and starts the all-gather of the blocks.
+  absl::Status Start(comm::Communicator& comm, const kernels::SparseCodes& codes, bool aux,
+                     const kernels::SparseCodes* aux_codes);
+  // Waits for it, gathers any overflowing entries and unpacks the gathered codes.
+  absl::Status Finish(comm::Communicator& comm, const kernels::SparseCodes& codes);
 
   // After Exchange: the global batch, tokens numbered as rows of the gathered buffer.
   const float* gmain_rows() const { return recv_.data_ptr<float>(); }
@@ -67,6 +75,8 @@ class FactorExchange {
 
   int64_t rows_ = 0, Md_ = 0, main_capacity_ = 0, k_aux_ = 0;
   int world_ = 0;
+  int64_t sent_ = 0;  // this rank's main entries in its block (the rest overflow)
+  std::unique_ptr<comm::PendingCollective> gathering_;
   bool aux_ = false;
   at::Tensor send_, recv_;
   kernels::SparseCodes codes_, aux_codes_;

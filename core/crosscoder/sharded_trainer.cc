@@ -259,7 +259,7 @@ absl::Status ShardedTrainer::StepBatchTopK(int64_t step, bool want_stats, StepSu
   // Partial reconstructions of every shard, summed.
   kernels::SparseDecode(codes_, dec_.data_ptr<float>(), Md, nullptr, partial_.data_ptr<float>());
   RETURN_IF_ERROR(AllReduce(partial_));
-  at::Tensor err = partial_.add(bdec_.unsqueeze(0)).sub_(x_);  // xhat - x, then dL/dxhat
+  at::Tensor err = partial_.add(bdec_.unsqueeze(0)).sub_(x_);   // xhat - x, then dL/dxhat
   at::Tensor e2 = internal::PerModelSquaredError(err, M_, d_);  // [B, M]
   at::Tensor row_scale = internal::BatchTopKLoss(o_, e2, B, M_, &sums->loss);
   float* gaux = nullptr;
@@ -305,8 +305,8 @@ absl::Status ShardedTrainer::StepReluL1(int64_t step, bool want_stats, StepSums*
   RETURN_IF_ERROR(AllReduce(l1));
   sums->loss += e2.sum().item<double>() * inv_b + lambda * l1.item<double>() * inv_b;
   if (want_stats) internal::AccumulateStats(x_, e2, B, M_, d_, sums);
-  at::Tensor active =
-      internal::ReluL1Backward(x_, f, err, dec_, nrm, w, lambda, inv_b, M_, d_, grads_, sums);
+  ASSIGN_OR_RETURN(at::Tensor active, internal::ReluL1Backward(x_, f, err, dec_, nrm, w, lambda,
+                                                               inv_b, M_, d_, grads_, sums));
   Observe(step);
   RETURN_IF_ERROR(ApplyGradients(step));
   since_fired_.add_(B);
@@ -493,8 +493,7 @@ absl::StatusOr<TrainResult> ShardedTrainer::Run() {
   window.Reset(M_, Md_);
   internal::StepLoopHooks hooks;
   hooks.step = [&](int64_t step, bool metrics_point) { return Step(step, metrics_point, &window); };
-  hooks.window_record = [&](int64_t step,
-                            int64_t window_steps) -> absl::StatusOr<MetricsRecord> {
+  hooks.window_record = [&](int64_t step, int64_t window_steps) -> absl::StatusOr<MetricsRecord> {
     // Loss and error sums are already global (every rank saw the whole batch); only the number
     // of active latents is per shard.
     at::Tensor nnz = at::tensor({window.nnz}, at::TensorOptions().dtype(at::kDouble));
@@ -504,8 +503,8 @@ absl::StatusOr<TrainResult> ShardedTrainer::Run() {
     rec.loss = window.loss / window_steps;
     rec.aux_loss = window.aux_loss / window_steps;
     rec.l0 = nnz.item<double>() / (static_cast<double>(B_) * window_steps);
-    rec.fvu = internal::FvuFromSums(window.err2.data(), window.x2.data(), window.xsum.data(), M_,
-                                    d_, B_);
+    rec.fvu =
+        internal::FvuFromSums(window.err2.data(), window.x2.data(), window.xsum.data(), M_, d_, B_);
     window.Reset(M_, Md_);
     return rec;
   };
@@ -520,9 +519,8 @@ absl::StatusOr<TrainResult> ShardedTrainer::Run() {
   hooks.progress_text = [&](double tps) {
     return absl::StrFormat("loss %.4g  %.0f tok/s", last_loss_, tps);
   };
-  ASSIGN_OR_RETURN(
-      TrainResult result,
-      internal::RunStepLoop(o_, start_step_, B_, &meter, hooks, &last_loss_, &history_));
+  ASSIGN_OR_RETURN(TrainResult result, internal::RunStepLoop(o_, start_step_, B_, &meter, hooks,
+                                                             &last_loss_, &history_));
   const int64_t stop = result.steps;
   result.threshold = threshold_;
   ASSIGN_OR_RETURN(result.dead_latents, DeadLatents());

@@ -50,14 +50,21 @@ class Trainer {
   absl::StatusOr<bool> TryResume();
   absl::Status AllocateState();
   absl::Status Step(int64_t step, bool want_stats, StepSums* sums);
+  // Reads (this rank's rows of) global batch `step` into `batch` and normalises it.
+  absl::Status ReadBatch(int64_t step, at::Tensor& batch);
+  // With the factor exchange: reads the next step's batch into x_next_ while the exchange runs
+  // (when that step will be trained).
+  absl::Status PrefetchNextBatch(int64_t step);
   absl::Status StepBatchTopK(int64_t step, bool want_stats, StepSums* sums);
   absl::Status StepReluL1(int64_t step, bool want_stats, StepSums* sums);
   // One process: the loss and gradients of the selected codes_ (and aux_codes_) with the batch x_
   // as the only batch-sized buffer (kernels::InPlaceBackward; x_ is overwritten).
   absl::Status LossAndGradientsInPlace(bool use_aux, bool want_stats, StepSums* sums);
   // The gathered factors' loss and gradients (exchanges_factors()).
-  absl::Status LossAndGradientsExchanged(bool use_aux, bool want_stats, StepSums* sums);
-  // Sums the gradients across ranks (unless exchanges_factors()), then clips and steps Adam.
+  absl::Status LossAndGradientsExchanged(int64_t step, bool use_aux, bool want_stats,
+                                         StepSums* sums);
+  // Clips and steps Adam on gradients already summed across ranks (by the factor exchange or the
+  // ReLU-L1 step's bucketed all-reduce).
   absl::Status ApplyGradients(int64_t step);
   // fired_counts: this rank's (summed across ranks), or with exchanges_factors() the global
   // batch's.
@@ -79,8 +86,11 @@ class Trainer {
   Crosscoder model_;
   at::Tensor params_, grads_, adam_m_, adam_v_, workspace_;
   at::Tensor x_, xhat_, gaux_;
-  at::Tensor x_global_;    // with the factor exchange: the whole global batch, x_ its rank's rows
-  at::Tensor observed_x_;  // the batch for observe_step when the step overwrites x_
+  at::Tensor x_global_;     // with the factor exchange: the whole global batch, x_ its rank's rows
+  at::Tensor x_next_;       // with the factor exchange: the next step's batch, read during this one
+  int64_t next_step_ = -1;  // the step whose batch x_next_ holds (-1: none)
+  int64_t stop_step_ = 0;   // the step loop ends before this step
+  at::Tensor observed_x_;   // the batch for observe_step when the step overwrites x_
   kernels::InPlaceBackward in_place_;
   at::Tensor since_fired_;  // I64 [F]: tokens since each latent last fired
   std::unique_ptr<BatchStream> stream_;
@@ -152,6 +162,7 @@ absl::Status Trainer::AllocateState() {
     const int64_t k_max = std::max(o_.k, o_.k_initial);
     exchange_ = internal::FactorExchange(Bl_, Md_, 2 * Bl_ * k_max + 64, o_.auxk_k);
     x_global_ = at::empty({B_, Md_}, f32);
+    x_next_ = at::empty({B_, Md_}, f32);
     x_ = x_global_.narrow(0, rank_ * Bl_, Bl_);
     xhat_ = exchange_.gmain();
     gaux_ = exchange_.gaux();
@@ -223,14 +234,6 @@ absl::Status Trainer::UpdateDeadCounters(const at::Tensor& fired_counts) {
 }
 
 absl::Status Trainer::ApplyGradients(int64_t step) {
-  if (distributed() && !exchanges_factors()) {
-    // Bucketed all-reduce (16 MiB buckets) of the flat gradient.
-    constexpr int64_t kBucket = int64_t{4} << 20;
-    for (int64_t a = 0; a < grads_.numel(); a += kBucket) {
-      at::Tensor bucket = grads_.narrow(0, a, std::min(kBucket, grads_.numel() - a));
-      RETURN_IF_ERROR(comm_->AllReduce(bucket));
-    }
-  }
   return internal::ClipAndAdamStep(
       o_, step,
       [this]() -> absl::StatusOr<double> {
@@ -296,7 +299,7 @@ absl::Status Trainer::StepBatchTopK(int64_t step, bool want_stats, StepSums* sum
   // `pre` is dead from here on (the workspace becomes the gradient).
 
   if (exchanges_factors()) {
-    RETURN_IF_ERROR(LossAndGradientsExchanged(use_aux, want_stats, sums));
+    RETURN_IF_ERROR(LossAndGradientsExchanged(step, use_aux, want_stats, sums));
   } else {
     RETURN_IF_ERROR(LossAndGradientsInPlace(use_aux, want_stats, sums));
   }
@@ -321,7 +324,8 @@ absl::Status Trainer::StepBatchTopK(int64_t step, bool want_stats, StepSums* sum
   return absl::OkStatus();
 }
 
-absl::Status Trainer::LossAndGradientsExchanged(bool use_aux, bool want_stats, StepSums* sums) {
+absl::Status Trainer::LossAndGradientsExchanged(int64_t step, bool use_aux, bool want_stats,
+                                                StepSums* sums) {
   const int64_t F = F_, Md = Md_, Bl = Bl_;
   at::Tensor dec = model_.decoder_matrix();
   kernels::SparseDecode(codes_, dec.data_ptr<float>(), Md, model_.b_dec().data_ptr<float>(),
@@ -348,7 +352,12 @@ absl::Status Trainer::LossAndGradientsExchanged(bool use_aux, bool want_stats, S
   // computes the global batch's gradients from the whole batch's x (every rank read it) and every
   // rank's dL/dxhat, AuxK gradient and codes (err and gaux_ are the exchange's send rows).
   internal::ScaleToOutputGradient(err, row_scale, M_, d_);
-  RETURN_IF_ERROR(exchange_.Exchange(*comm_, codes_, use_aux, use_aux ? &aux_codes_ : nullptr));
+  // The next batch is read while the factors travel (the read needs no core that the exchange's
+  // transport is using on a loaded machine: it mostly waits for the peers).
+  RETURN_IF_ERROR(exchange_.Start(*comm_, codes_, use_aux, use_aux ? &aux_codes_ : nullptr));
+  absl::Status prefetched = PrefetchNextBatch(step);
+  RETURN_IF_ERROR(exchange_.Finish(*comm_, codes_));
+  RETURN_IF_ERROR(prefetched);
   internal::BatchTopKGradients(exchange_.codes(), use_aux ? &exchange_.aux_codes() : nullptr,
                                x_global_.data_ptr<float>(), exchange_.gmain_rows(),
                                use_aux ? exchange_.gaux_rows() : nullptr, dec, F, M_, d_, &entries_,
@@ -408,8 +417,23 @@ absl::Status Trainer::StepReluL1(int64_t step, bool want_stats, StepSums* sums) 
   sums->loss +=
       e2.sum().item<double>() * inv_b + lambda * at::mv(f, w).sum().item<double>() * inv_b;
   if (want_stats) internal::AccumulateStats(x_, e2, Bl, M_, d_, sums);
-  at::Tensor active =
-      internal::ReluL1Backward(x_, f, err, dec, nrm, w, lambda, inv_b, M_, d_, grads_, sums);
+  // Several ranks sum the gradients bucket by bucket, each all-reduce running while the backward
+  // computes the next buckets; the step waits for all of them before it observes or clips.
+  std::vector<std::unique_ptr<comm::PendingCollective>> reducing;
+  internal::GradientReady ready;
+  if (distributed()) {
+    ready = [&](int64_t offset, int64_t count) -> absl::Status {
+      at::Tensor bucket = grads_.narrow(0, offset, count);
+      ASSIGN_OR_RETURN(std::unique_ptr<comm::PendingCollective> p, comm_->StartAllReduce(bucket));
+      reducing.push_back(std::move(p));
+      return absl::OkStatus();
+    };
+  }
+  ASSIGN_OR_RETURN(
+      at::Tensor active,
+      internal::ReluL1Backward(x_, f, err, dec, nrm, w, lambda, inv_b, M_, d_, grads_, sums, ready,
+                               std::max<int64_t>(1, o_.gradient_bucket_floats / Md)));
+  for (auto& p : reducing) RETURN_IF_ERROR(p->Wait());
   if (o_.observe_step) {
     StepObservation obs = internal::Observation(step, params_, grads_, x_, since_fired_);
     obs.loss = sums->loss - loss_before;
@@ -422,14 +446,31 @@ absl::Status Trainer::StepReluL1(int64_t step, bool want_stats, StepSums* sums) 
   return absl::OkStatus();
 }
 
-absl::Status Trainer::Step(int64_t step, bool want_stats, StepSums* sums) {
-  // This rank's slice of global batch `step`: stream positions [step*B + rank*Bl, ... + Bl) (with
-  // the factor exchange, the whole batch, of which x_ is that slice).
-  at::Tensor batch = exchanges_factors() ? x_global_ : x_;
+absl::Status Trainer::ReadBatch(int64_t step, at::Tensor& batch) {
   RETURN_IF_ERROR(stream_->Next(step, batch.data_ptr<float>()));
   at::Tensor xv = batch.view({batch.size(0), M_, d_});
   if (model_.activation_mean().defined()) xv.sub_(model_.activation_mean().unsqueeze(0));
   xv.mul_(model_.activation_scale().view({1, M_, 1}));
+  return absl::OkStatus();
+}
+
+absl::Status Trainer::PrefetchNextBatch(int64_t step) {
+  if (step + 1 >= stop_step_) return absl::OkStatus();
+  RETURN_IF_ERROR(ReadBatch(step + 1, x_next_));
+  next_step_ = step + 1;
+  return absl::OkStatus();
+}
+
+absl::Status Trainer::Step(int64_t step, bool want_stats, StepSums* sums) {
+  // This rank's slice of global batch `step`: stream positions [step*B + rank*Bl, ... + Bl) (with
+  // the factor exchange, the whole batch, of which x_ is that slice).
+  if (exchanges_factors() && next_step_ == step) {
+    std::swap(x_global_, x_next_);
+    x_ = x_global_.narrow(0, rank_ * Bl_, Bl_);
+    next_step_ = -1;
+  } else {
+    RETURN_IF_ERROR(ReadBatch(step, exchanges_factors() ? x_global_ : x_));
+  }
   if (o_.arch == Architecture::kBatchTopK) return StepBatchTopK(step, want_stats, sums);
   return StepReluL1(step, want_stats, sums);
 }
@@ -569,6 +610,7 @@ absl::StatusOr<TrainResult> Trainer::Run() {
     return absl::StrFormat("loss %.4g  %.0f tok/s%s", last_loss_, tps,
                            threshold_ >= 0 ? absl::StrFormat("  thr %.3g", threshold_) : "");
   };
+  stop_step_ = internal::StopStep(o_);
   ASSIGN_OR_RETURN(TrainResult result, internal::RunStepLoop(o_, start_step_, B_, &meter, hooks,
                                                              &last_loss_, &history_));
   const int64_t stop = result.steps;

@@ -8,10 +8,11 @@
 // and a run resumed from a checkpoint ends with exactly the weights of an uninterrupted one.
 //
 // Data parallel: with a communicator of world size W > 1 every rank calls RunTraining with the same
-// options; rank r reads its share (batch_size / W rows) of every global batch, the BatchTopK
-// selection is made over the global batch (the k*B-th largest score is found exactly with
-// all-reduced histograms), gradients are all-reduced in buckets, and every rank holds identical
-// weights (checked with a checksum at each checkpoint). Only rank 0 writes files.
+// options. BatchTopK selects over the global batch (the ranks agree on the k*B-th largest score)
+// and exchanges the batch's factors instead of gradients (factor_exchange.h); ReLU-L1 reads
+// batch_size / W rows of every global batch and all-reduces its gradients in buckets, each started
+// while the backward pass computes the next. Every rank holds identical weights (checked with a
+// checksum at each checkpoint). Only rank 0 writes files.
 #pragma once
 
 #include <cstdint>
@@ -74,14 +75,17 @@ struct TrainOptions {
   int64_t checkpoint_every = 0;         // steps between checkpoints; 0: none until the end
   bool resume = false;                  // continue from out_dir/checkpoint when present
   int64_t shuffle_buffer_rows = 65536;  // bound on rows held by the shuffling reader
+  // Data-parallel ReLU-L1: floats per gradient all-reduce bucket (rounded to whole latents); each
+  // bucket's all-reduce starts as soon as the backward has written it.
+  int64_t gradient_bucket_floats = int64_t{1} << 20;
   // Testing hook: stop after this many steps (having written a checkpoint), as if interrupted.
   int64_t stop_after_step = 0;
 
   // Provenance merged into config.json.
   std::string extra_config_json = "{}";
 
-  // Testing hook: called after each step's backward pass, before the gradient all-reduce and the
-  // Adam update (see StepObservation). Tensors are views of the trainer's buffers: read only.
+  // Testing hook: called after each step's backward pass, before the Adam update (see
+  // StepObservation). Tensors are views of the trainer's buffers: read only.
   std::function<void(const struct StepObservation&)> observe_step;
   // Whether StepObservation::x holds the batch. The single-process BatchTopK step overwrites its
   // batch buffer, so observing x costs a copy of the batch per step (false: x is undefined there).
@@ -90,8 +94,10 @@ struct TrainOptions {
 
 struct StepObservation {
   int64_t step = 0;
-  at::Tensor params;              // flat, Crosscoder::FlattenParameters layout
-  at::Tensor grads;               // flat, this rank's gradient of the loss (same layout)
+  at::Tensor params;  // flat, Crosscoder::FlattenParameters layout
+  // Flat (same layout): this rank's gradient of the loss; summed over the ranks already in
+  // data-parallel ReLU-L1 runs (whose all-reduce overlaps the backward pass).
+  at::Tensor grads;
   at::Tensor x;                   // this rank's normalised batch [B_local, M*d]
   at::Tensor tokens_since_fired;  // I64 [F], as used by this step's AuxK
   double loss = 0;                // this rank's share of the main loss (+ L1 term for relu_l1)

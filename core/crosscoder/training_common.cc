@@ -195,10 +195,11 @@ at::Tensor FiredCounts(const kernels::SparseCodes& codes, int64_t n) {
   return fired;
 }
 
-at::Tensor ReluL1Backward(const at::Tensor& x, const at::Tensor& f, at::Tensor& err,
-                          const at::Tensor& dec, const at::Tensor& nrm, const at::Tensor& w,
-                          double lambda, double inv_b, int64_t M, int64_t d, at::Tensor& grads,
-                          StepSums* sums) {
+absl::StatusOr<at::Tensor> ReluL1Backward(const at::Tensor& x, const at::Tensor& f, at::Tensor& err,
+                                          const at::Tensor& dec, const at::Tensor& nrm,
+                                          const at::Tensor& w, double lambda, double inv_b,
+                                          int64_t M, int64_t d, at::Tensor& grads, StepSums* sums,
+                                          const GradientReady& ready, int64_t block_latents) {
   const int64_t n = f.size(1), Md = M * d;
   at::Tensor active = f > 0;
   sums->nnz += static_cast<double>(active.sum().item<int64_t>());
@@ -208,15 +209,32 @@ at::Tensor ReluL1Backward(const at::Tensor& x, const at::Tensor& f, at::Tensor& 
   at::Tensor g_dec = grads.narrow(0, fmd, fmd).view({n, Md});
   at::Tensor g_benc = grads.narrow(0, 2 * fmd, n);
   at::Tensor g_bdec = grads.narrow(0, 2 * fmd + n, Md);
-  at::Tensor fsum = f.sum(0);
-  at::mm_out(g_dec, f.t(), err);
-  // d/d dec of lambda/B * sum_b sum_i f_bi sum_m ||dec_m[i]||.
-  g_dec.view({n, M, d}).add_(dec.view({n, M, d}) / nrm.clamp_min(1e-12).unsqueeze(2) *
-                             (lambda * inv_b * fsum).view({n, 1, 1}));
-  at::Tensor gpre = at::mm(err, dec.t()).add_(w.unsqueeze(0), lambda * inv_b).mul_(active);
-  at::mm_out(g_enc, gpre.t(), x);
-  at::sum_out(g_benc, gpre, {0});
+  const int64_t block = ready && block_latents > 0 ? std::min(block_latents, n) : n;
+  auto hand_over = [&](int64_t offset, int64_t count) {
+    return ready ? ready(offset, count) : absl::OkStatus();
+  };
+  // d/d dec of lambda/B * sum_b sum_i f_bi sum_m ||dec_m[i]||, beside the reconstruction's term.
+  at::Tensor l1_scale =  // [n, M]
+      nrm.clamp_min(1e-12).reciprocal().mul_((f.sum(0) * (lambda * inv_b)).unsqueeze(1));
+  for (int64_t i0 = 0; i0 < n; i0 += block) {
+    const int64_t nb = std::min(block, n - i0);
+    at::Tensor g = g_dec.narrow(0, i0, nb);
+    at::mm_out(g, f.narrow(1, i0, nb).t(), err);
+    g.view({nb, M, d})
+        .add_(dec.narrow(0, i0, nb).view({nb, M, d}) * l1_scale.narrow(0, i0, nb).unsqueeze(2));
+    RETURN_IF_ERROR(hand_over(fmd + i0 * Md, nb * Md));
+  }
   at::sum_out(g_bdec, err, {0});
+  RETURN_IF_ERROR(hand_over(2 * fmd + n, Md));
+  at::Tensor gpre = at::mm(err, dec.t()).add_(w.unsqueeze(0), lambda * inv_b).mul_(active);
+  for (int64_t i0 = 0; i0 < n; i0 += block) {
+    const int64_t nb = std::min(block, n - i0);
+    at::Tensor g = g_enc.narrow(0, i0, nb);
+    at::mm_out(g, gpre.narrow(1, i0, nb).t(), x);
+    RETURN_IF_ERROR(hand_over(i0 * Md, nb * Md));
+  }
+  at::sum_out(g_benc, gpre, {0});
+  RETURN_IF_ERROR(hand_over(2 * fmd, n));
   return active;
 }
 
@@ -261,6 +279,10 @@ absl::Status ValidateArchitectureAndSteps(const TrainOptions& o, int64_t F) {
   }
   if (o.steps < 1)
     return absl::InvalidArgumentError(absl::StrCat("steps must be positive, got ", o.steps));
+  if (o.gradient_bucket_floats < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("gradient_bucket_floats must be positive, got ", o.gradient_bucket_floats));
+  }
   if (o.batch_size < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("batch_size must be positive, got ", o.batch_size));
@@ -413,7 +435,7 @@ absl::StatusOr<TrainResult> RunStepLoop(const TrainOptions& o, int64_t start_ste
   double timed_seconds = 0;
   int64_t timed_tokens = 0;
   int64_t window_steps = 0;
-  const int64_t stop = o.stop_after_step > 0 ? std::min(o.steps, o.stop_after_step) : o.steps;
+  const int64_t stop = StopStep(o);
   for (int64_t step = start_step; step < stop; ++step) {
     const bool metrics_point = (step + 1) % o.metrics_every == 0 || step + 1 == o.steps;
     const auto t0 = std::chrono::steady_clock::now();

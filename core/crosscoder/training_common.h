@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <nlohmann/json.hpp>
@@ -88,13 +89,21 @@ void BatchTopKGradients(const kernels::SparseCodes& codes, const kernels::Sparse
                         std::vector<double>* latent_sq = nullptr, kernels::RowMap x_rows = {});
 // How often each of the n latents fired in codes (I64 [n]).
 at::Tensor FiredCounts(const kernels::SparseCodes& codes, int64_t n);
+// Told each range [offset, offset + count) of the flat gradient as soon as the backward has written
+// it, so that its all-reduce can run while the rest is computed; an error stops the backward.
+using GradientReady = std::function<absl::Status(int64_t offset, int64_t count)>;
 // The ReLU-L1 backward over n latents with codes f [rows, n], decoder dec [n, M*d] (row norms nrm
 // [n, M], weights w [n]): scales err (xhat - x) into dL/dxhat, writes the gradients into grads (the
 // layout of BatchTopKBackward), adds the active codes to sums->nnz and returns them (f > 0).
-at::Tensor ReluL1Backward(const at::Tensor& x, const at::Tensor& f, at::Tensor& err,
-                          const at::Tensor& dec, const at::Tensor& nrm, const at::Tensor& w,
-                          double lambda, double inv_b, int64_t M, int64_t d, at::Tensor& grads,
-                          StepSums* sums);
+// With `ready`, the encoder and decoder gradients are computed in blocks of block_latents latents
+// and every block, then each bias gradient, is handed to it in the order decoder blocks, decoder
+// bias, encoder blocks, encoder bias (the same on every rank).
+absl::StatusOr<at::Tensor> ReluL1Backward(const at::Tensor& x, const at::Tensor& f, at::Tensor& err,
+                                          const at::Tensor& dec, const at::Tensor& nrm,
+                                          const at::Tensor& w, double lambda, double inv_b,
+                                          int64_t M, int64_t d, at::Tensor& grads, StepSums* sums,
+                                          const GradientReady& ready = {},
+                                          int64_t block_latents = 0);
 
 // The shape of the training rows and the dictionary size.
 struct TrainingShape {
@@ -160,13 +169,16 @@ absl::Status ClipAndAdamStep(const TrainOptions& o, int64_t step,
                              at::Tensor& params, at::Tensor& grads, at::Tensor& adam_m,
                              at::Tensor& adam_v);
 
-// The step loop of both trainers: steps [start_step, stop) with stop = min(steps, stop_after_step)
-// (steps when stop_after_step <= 0), each under GuardTorch. After every metric point (every
-// metrics_every steps and the last step) a record: the window's figures (over the steps since the
-// previous metric point; the hook starts a new window), the learning rate, the dead latents, the
-// throughput and, where `validate` is set, the validation figures; its loss becomes *last_loss and
-// it is appended to *history. A checkpoint every checkpoint_every steps before the last; progress
-// after every step.
+// The step the loop stops before: min(steps, stop_after_step) (steps when stop_after_step <= 0).
+inline int64_t StopStep(const TrainOptions& o) {
+  return o.stop_after_step > 0 ? std::min(o.steps, o.stop_after_step) : o.steps;
+}
+// The step loop of both trainers: steps [start_step, StopStep(o)), each under GuardTorch. After
+// every metric point (every metrics_every steps and the last step) a record: the window's figures
+// (over the steps since the previous metric point; the hook starts a new window), the learning
+// rate, the dead latents, the throughput and, where `validate` is set, the validation figures; its
+// loss becomes *last_loss and it is appended to *history. A checkpoint every checkpoint_every steps
+// before the last; progress after every step.
 struct StepLoopHooks {
   std::function<absl::Status(int64_t step, bool metrics_point)> step;
   std::function<absl::StatusOr<MetricsRecord>(int64_t step, int64_t window_steps)> window_record;

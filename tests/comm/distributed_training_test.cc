@@ -93,6 +93,10 @@ TEST_F(DataParallelTest, ReluL1TwoRanksEndWithTheWeightsOfOne) {
   std::string two = Train(2, "relu-l1", "two");
   EXPECT_EQ(Metrics(two)["world_size"], 2);
   ExpectSameWeights(one, two);
+  // Buckets of 10 latents (320 floats; the last of the 64 latents' blocks holds 4): 16 all-reduces
+  // (7 blocks of each matrix and the two biases) in flight during each backward pass, and the same
+  // weights.
+  ExpectSameWeights(one, Train(2, "relu-l1", "two_buckets", "data", {"--bucket-floats", "320"}));
   auto a = crosscoder::Crosscoder::Load(one);
   auto b = crosscoder::Crosscoder::Load(two);
   ASSERT_TRUE(a.ok()) << a.status();
@@ -125,6 +129,21 @@ TEST_F(DataParallelTest, BatchTopKWithAuxKTwoRanksEndWithTheWeightsOfOne) {
   std::string two = Train(2, "batch-topk", "two", "data", aux);
   ExpectAuxKRunMatches(one, two);
   ExpectSameWeights(one, two);
+}
+
+// A data-parallel BatchTopK run stopped at step 100 (its ranks had read step 100's batch ahead,
+// during step 99's exchange) resumes on 2 ranks, or on 1, and ends where the uninterrupted run
+// ends.
+TEST_F(DataParallelTest, BatchTopKResumesOnTheSameOrAnotherNumberOfRanks) {
+  std::string straight = Train(2, "batch-topk", "straight");
+  std::string same = Train(2, "batch-topk", "same", "data", {"--stop-after", "100"});
+  EXPECT_TRUE(std::filesystem::exists(same + "/checkpoint"));
+  EXPECT_FALSE(std::filesystem::exists(same + "/crosscoder.safetensors"));
+  Train(2, "batch-topk", "same", "data", {"--resume"});
+  ExpectSameWeights(straight, same);
+  std::string fewer = Train(2, "batch-topk", "fewer", "data", {"--stop-after", "100"});
+  Train(1, "batch-topk", "fewer", "data", {"--resume"});
+  ExpectSameWeights(straight, fewer);
 }
 
 }  // namespace

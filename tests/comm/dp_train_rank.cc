@@ -60,6 +60,8 @@ int main(int argc, char** argv) {
   int64_t& dead_tokens =
       cl.AddInt("dead-tokens", 10'000'000, "tokens before a latent counts as dead");
   int64_t& metrics_every = cl.AddInt("metrics-every", 50, "steps between metric records");
+  int64_t& bucket_floats =
+      cl.AddInt("bucket-floats", int64_t{1} << 20, "ReLU-L1 gradient all-reduce bucket (floats)");
   crossdiff::comm::LaunchFlags launch = crossdiff::comm::AddLaunchFlags(cl);
   if (int rc = cl.ParseOrExit(argc, argv); rc >= 0) return rc;
   auto launched = crossdiff::comm::MaybeLaunchLocal(launch);
@@ -102,6 +104,7 @@ int main(int argc, char** argv) {
   o.stop_after_step = stop_after;
   o.resume = resume;
   o.shuffle_buffer_rows = 4096;
+  o.gradient_bucket_floats = bucket_floats;
   // Bytes per training step, measured between the first and last steps' observations (so the
   // normalisation pass and evaluation are not counted).
   crossdiff::comm::Communicator* c = comm->get();
