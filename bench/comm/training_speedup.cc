@@ -7,7 +7,9 @@
 //
 // Prints, per configuration, tokens/s (training steps after warm-up, as train_metrics.json),
 // the speed-up over one process, the bytes each rank sends per step (ring model, see
-// docs/distributed.md) and the training state (parameters, gradients, Adam moments) per rank.
+// docs/distributed.md), the milliseconds rank 0 spends blocked in collectives per step (transfer
+// and waiting for the other rank) and the training state (parameters, gradients, Adam moments) per
+// rank.
 #include <ATen/ATen.h>
 #include <unistd.h>
 
@@ -60,13 +62,16 @@ int RunRank(const crossdiff::comm::LaunchFlags& launch, const std::string& arch,
   o.metrics_every = steps;
   o.normalization_rows = 4 * batch;
   int64_t first_step = -1, last_step = -1, first_bytes = 0, last_bytes = 0;
+  double first_wait = 0, last_wait = 0;
   o.observe_step = [&](const crossdiff::crosscoder::StepObservation& obs) {
     if (first_step < 0) {
       first_step = obs.step;
       first_bytes = c->bytes_communicated();
+      first_wait = c->seconds_in_collectives();
     }
     last_step = obs.step;
     last_bytes = c->bytes_communicated();
+    last_wait = c->seconds_in_collectives();
   };
   auto result = sharding == "latent"
                     ? crossdiff::crosscoder::RunShardedTrainingOnRows(o, *rows, c, {})
@@ -79,12 +84,15 @@ int RunRank(const crossdiff::comm::LaunchFlags& launch, const std::string& arch,
   const int64_t latents = sharding == "latent" ? dict / c->world_size() : dict;
   const int64_t state_bytes = 4 * 4 * (2 * latents * md + latents + md);
   if (c->rank() == 0) {
-    std::printf("RESULT tokens_per_second=%.1f bytes_per_step=%lld state_bytes=%lld\n",
-                result->tokens_per_second,
-                static_cast<long long>(last_step > first_step
-                                           ? (last_bytes - first_bytes) / (last_step - first_step)
-                                           : 0),
-                static_cast<long long>(state_bytes));
+    const int64_t steps_seen = std::max<int64_t>(1, last_step - first_step);
+    std::printf(
+        "RESULT tokens_per_second=%.1f bytes_per_step=%lld comm_ms_per_step=%.2f "
+        "state_bytes=%lld\n",
+        result->tokens_per_second,
+        static_cast<long long>(last_step > first_step ? (last_bytes - first_bytes) / steps_seen
+                                                      : 0),
+        last_step > first_step ? 1e3 * (last_wait - first_wait) / steps_seen : 0.0,
+        static_cast<long long>(state_bytes));
   }
   return 0;
 }
@@ -125,8 +133,8 @@ int main(int argc, char** argv) {
       "process, gloo over 127.0.0.1\n",
       arch.c_str(), static_cast<long long>(d), static_cast<long long>(dict),
       static_cast<long long>(batch), static_cast<long long>(steps));
-  std::printf("%-24s %12s %9s %16s %18s\n", "configuration", "tokens/s", "speedup",
-              "bytes/step/rank", "state MiB/rank");
+  std::printf("%-24s %12s %9s %16s %14s %16s\n", "configuration", "tokens/s", "speedup",
+              "bytes/step/rank", "comm ms/step", "state MiB/rank");
   std::map<std::string, std::vector<double>> speedups;
   std::vector<std::string> order;
   for (int64_t round = 0; round < std::max<int64_t>(1, rounds); ++round) {
@@ -179,8 +187,8 @@ int main(int argc, char** argv) {
       }
       const double tps = values["tokens_per_second"];
       if (cfg.nproc == 1) base = tps;
-      std::printf("%-24s %12.1f %8.2fx %16.0f %18.1f\n", name.c_str(), tps,
-                  base > 0 ? tps / base : 0, values["bytes_per_step"],
+      std::printf("%-24s %12.1f %8.2fx %16.0f %14.1f %16.1f\n", name.c_str(), tps,
+                  base > 0 ? tps / base : 0, values["bytes_per_step"], values["comm_ms_per_step"],
                   values["state_bytes"] / (1 << 20));
       std::fflush(stdout);
       if (speedups.find(name) == speedups.end()) order.push_back(name);

@@ -64,6 +64,9 @@ class Communicator {
 
   // Bytes this rank has sent into collectives so far (for the benchmarks' per-step figures).
   virtual int64_t bytes_communicated() const = 0;
+  // Wall seconds this rank has spent blocked in collectives so far (transfer plus waiting for
+  // slower peers; the benchmarks' per-step figure). 0 where the backend does not measure it.
+  virtual double seconds_in_collectives() const { return 0; }
 };
 
 // The trivial single-process communicator (world size 1): every collective is the identity.

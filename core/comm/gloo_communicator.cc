@@ -11,6 +11,8 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "core/comm/collective_checks.h"
 
 namespace crossdiff::comm {
@@ -57,6 +59,7 @@ class GlooCommunicator final : public Communicator {
   int world_size() const override { return rendezvous_->options().world_size; }
   std::string backend() const override { return "gloo"; }
   int64_t bytes_communicated() const override { return bytes_; }
+  double seconds_in_collectives() const override { return waited_; }
 
   absl::Status AllReduce(at::Tensor& t, ReduceOp op) override {
     if (absl::Status s = CheckCollectiveTensor(rank(), "AllReduce", t, at::kCPU); !s.ok()) return s;
@@ -244,15 +247,18 @@ class GlooCommunicator final : public Communicator {
   // Waits for a launched collective, bounded by the timeout both in Gloo's own transport and in
   // the wait.
   absl::Status Finish(const char* what, int64_t seq, int64_t bytes, const WorkPtr& work) {
+    const absl::Time begin = absl::Now();
+    absl::Status status;
     try {
       work->wait(rendezvous_->options().timeout);
       bytes_ += bytes;
-      return absl::OkStatus();
     } catch (const c10::Error& e) {
-      return Fail(what, seq, FirstLine(e.what_without_backtrace()));
+      status = Fail(what, seq, FirstLine(e.what_without_backtrace()));
     } catch (const std::exception& e) {
-      return Fail(what, seq, FirstLine(e.what()));
+      status = Fail(what, seq, FirstLine(e.what()));
     }
+    waited_ += absl::ToDoubleSeconds(absl::Now() - begin);
+    return status;
   }
 
   // The first failure breaks the communicator: the ranks' collective sequences no longer line
@@ -287,6 +293,7 @@ class GlooCommunicator final : public Communicator {
   c10::intrusive_ptr<c10d::ProcessGroupGloo> group_;
   int64_t seq_ = 0;
   int64_t bytes_ = 0;
+  double waited_ = 0;  // seconds in Finish
   absl::Status broken_;
 };
 

@@ -100,6 +100,7 @@ class NcclCommunicator final : public Communicator {
   int world_size() const override { return rendezvous_->options().world_size; }
   std::string backend() const override { return "nccl"; }
   int64_t bytes_communicated() const override { return bytes_; }
+  double seconds_in_collectives() const override { return waited_; }
 
   absl::Status AllReduce(at::Tensor& t, ReduceOp op) override {
     if (absl::Status s = Check("AllReduce", t); !s.ok()) return s;
@@ -175,6 +176,14 @@ class NcclCommunicator final : public Communicator {
   // timeout passes (then the communicator is aborted, so no kernel is left waiting on a peer).
   template <typename Launch>
   absl::Status Run(const char* what, int64_t bytes, Launch&& launch) {
+    const Clock::time_point begin = Clock::now();
+    absl::Status status = RunUntimed(what, bytes, std::forward<Launch>(launch));
+    waited_ += std::chrono::duration<double>(Clock::now() - begin).count();
+    return status;
+  }
+
+  template <typename Launch>
+  absl::Status RunUntimed(const char* what, int64_t bytes, Launch&& launch) {
     if (!broken_.ok()) {
       return absl::FailedPreconditionError(absl::StrCat(
           "rank ", rank(), ": ", what, " on a communicator broken by: ", broken_.message()));
@@ -228,6 +237,7 @@ class NcclCommunicator final : public Communicator {
   void* barrier_buffer_;
   int64_t seq_ = 0;
   int64_t bytes_ = 0;
+  double waited_ = 0;  // seconds in Run
   absl::Status broken_;
 };
 

@@ -163,6 +163,9 @@ std::string CheckCollectives(Communicator& comm) {
     problems += "AllGather with a wrong output size: " + bad.ToString() + "; ";
   }
   if (w > 1 && comm.bytes_communicated() <= 0) problems += "bytes_communicated is 0; ";
+  if (w > 1 && comm.backend() == "gloo" && !(comm.seconds_in_collectives() > 0)) {
+    problems += "seconds_in_collectives is not positive; ";
+  }
   return problems;
 }
 
