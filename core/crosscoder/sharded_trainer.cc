@@ -100,12 +100,14 @@ class ShardedTrainer {
   at::Tensor params_, grads_, adam_m_, adam_v_;
   at::Tensor enc_, dec_, benc_, bdec_;
   at::Tensor x_, partial_, gaux_;
+  at::Tensor pre_;          // BatchTopK: the batch's pre-activations [B, Fl]
   at::Tensor since_fired_;  // I64 [Fl]
   std::unique_ptr<BatchStream> stream_;
   kernels::SparseCodes codes_, aux_local_, aux_codes_;
   kernels::LatentEntries entries_;
   int64_t start_step_ = 0;
   float threshold_ = -1;
+  internal::SelectionGuess guess_;  // not checkpointed: only a hint, results do not depend on it
   std::vector<MetricsRecord> history_;
   double last_loss_ = 0;
 };
@@ -238,12 +240,21 @@ absl::Status ShardedTrainer::ApplyGradients(int64_t step) {
 
 absl::Status ShardedTrainer::StepBatchTopK(int64_t step, bool want_stats, StepSums* sums) {
   const int64_t Fl = Fl_, Md = Md_, B = B_;
-  at::Tensor pre = at::addmm(benc_, x_, enc_.t()).contiguous();  // [B, Fl]
+  at::addmm_out(pre_, benc_, x_, enc_.t());  // [B, Fl], in the buffer kept across steps
   at::Tensor w = dec_.view({Fl, M_, d_}).norm(2, {2}).sum(1).contiguous();
-  at::Tensor scores = pre.clamp_min(0) * w.unsqueeze(0);
-  ASSIGN_OR_RETURN(kernels::Selection sel, SelectGlobalKth(scores, internal::KAt(o_, step) * B));
-  const auto pre_rows = kernels::PreActivations::Whole(pre.data_ptr<float>(), B, Fl);
-  kernels::GatherSelected(pre_rows, w.data_ptr<float>(), sel, &codes_);
+  const auto pre_rows = kernels::PreActivations::Whole(pre_.data_ptr<float>(), B, Fl);
+  // The global k*B-th score over every shard's [B, Fl] block, found as the data-parallel trainer
+  // finds it over its ranks' rows: candidates above a fraction of the last threshold, their keys
+  // gathered in one all-gather (room for three times a shard's share of the selection; more falls
+  // back to the exact radix selection over all-reduced histograms).
+  const int64_t kth = internal::KAt(o_, step) * B;
+  kernels::KeyExchange keys;
+  if (distributed()) keys = internal::CandidateKeyExchange(comm_, 3 * kth / world_);
+  ASSIGN_OR_RETURN(kernels::Selection sel,
+                   kernels::SelectAndGather(pre_rows, w.data_ptr<float>(), kth, guess_.guess(),
+                                            internal::HistogramAllReduce(comm_), &codes_, nullptr,
+                                            distributed() ? &keys : nullptr));
+  guess_.Update(sel, kth);
 
   // AuxK on latents dead for dead_tokens_threshold tokens, decided the same way on every rank.
   std::vector<int32_t> dead = internal::DeadLatentList(o_, since_fired_, Fl);
@@ -477,6 +488,7 @@ absl::StatusOr<TrainResult> ShardedTrainer::Run() {
   bdec_ = params_.narrow(0, 2 * Fl_ * Md_ + Fl_, Md_);
   x_ = at::empty({B_, Md_}, f32);
   partial_ = at::empty({B_, Md_}, f32);
+  if (o_.arch == Architecture::kBatchTopK) pre_ = at::empty({B_, Fl_}, f32);
   since_fired_ = at::zeros({Fl_}, at::TensorOptions().dtype(at::kLong));
   // Every rank reads the whole global batch (rank 0 of 1).
   ASSIGN_OR_RETURN(stream_,

@@ -262,12 +262,7 @@ absl::Status Trainer::StepBatchTopK(int64_t step, bool want_stats, StepSums* sum
         at::Tensor out = at::from_blob(rows, {b1 - b0, F}, x_.options());
         at::addmm_out(out, model_.b_enc(), x_.narrow(0, b0, b1 - b0), enc.t());
       });
-  kernels::AllReduceI64 reduce = [this](std::vector<int64_t>& h) -> absl::Status {
-    if (!distributed()) return absl::OkStatus();
-    at::Tensor t = at::from_blob(h.data(), {static_cast<int64_t>(h.size())},
-                                 at::TensorOptions().dtype(at::kLong));
-    return comm_->AllReduce(t);
-  };
+  kernels::AllReduceI64 reduce = internal::HistogramAllReduce(comm_);
   // AuxK on latents dead for dead_tokens_threshold tokens (before this step), gathered while the
   // selection visits the pre-activations.
   std::vector<int32_t> dead = internal::DeadLatentList(o_, since_fired_, F);
@@ -278,18 +273,7 @@ absl::Status Trainer::StepBatchTopK(int64_t step, bool want_stats, StepSums* sum
   // Several ranks agree on the threshold in one all-gather of their candidates' keys (room for
   // three times a rank's share of the batch's entries; more falls back to the exact selection).
   kernels::KeyExchange keys;
-  if (distributed()) {
-    keys.capacity = 3 * internal::KAt(o_, step) * Bl;
-    keys.all_gather = [this](const std::vector<uint32_t>& mine,
-                             std::vector<uint32_t>* all) -> absl::Status {
-      all->resize(mine.size() * world_);
-      auto i32 = at::TensorOptions().dtype(at::kInt);
-      at::Tensor in = at::from_blob(const_cast<uint32_t*>(mine.data()),
-                                    {static_cast<int64_t>(mine.size())}, i32);
-      at::Tensor out = at::from_blob(all->data(), {static_cast<int64_t>(all->size())}, i32);
-      return comm_->AllGather(in, out);
-    };
-  }
+  if (distributed()) keys = internal::CandidateKeyExchange(comm_, 3 * internal::KAt(o_, step) * Bl);
   ASSIGN_OR_RETURN(
       kernels::Selection sel,
       kernels::SelectAndGather(pre, w.data_ptr<float>(), internal::KAt(o_, step) * B_,

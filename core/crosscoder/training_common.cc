@@ -664,4 +664,28 @@ absl::Status SaveModelAndMetrics(const TrainOptions& o, const Crosscoder& model,
   return WriteText(o.out_dir + "/train_metrics.json", metrics.dump(2) + "\n");
 }
 
+kernels::AllReduceI64 HistogramAllReduce(comm::Communicator* comm) {
+  return [comm](std::vector<int64_t>& h) -> absl::Status {
+    if (comm == nullptr || comm->world_size() == 1) return absl::OkStatus();
+    at::Tensor t = at::from_blob(h.data(), {static_cast<int64_t>(h.size())},
+                                 at::TensorOptions().dtype(at::kLong));
+    return comm->AllReduce(t);
+  };
+}
+
+kernels::KeyExchange CandidateKeyExchange(comm::Communicator* comm, int64_t capacity) {
+  kernels::KeyExchange keys;
+  keys.capacity = capacity;
+  keys.all_gather = [comm](const std::vector<uint32_t>& mine,
+                           std::vector<uint32_t>* all) -> absl::Status {
+    all->resize(mine.size() * comm->world_size());
+    auto i32 = at::TensorOptions().dtype(at::kInt);
+    at::Tensor in =
+        at::from_blob(const_cast<uint32_t*>(mine.data()), {static_cast<int64_t>(mine.size())}, i32);
+    at::Tensor out = at::from_blob(all->data(), {static_cast<int64_t>(all->size())}, i32);
+    return comm->AllGather(in, out);
+  };
+  return keys;
+}
+
 }  // namespace crossdiff::crosscoder::internal

@@ -130,6 +130,11 @@ int64_t KAt(const TrainOptions& o, int64_t step);
 // a [rows, M*d] temporary.
 at::Tensor PerModelSquaredError(const at::Tensor& err, int64_t M, int64_t d);
 
+// SelectAndGather's collectives over `comm`'s ranks: the histogram all-reduce (the identity on one
+// rank) and the candidate-key all-gather of `capacity` keys per rank.
+kernels::AllReduceI64 HistogramAllReduce(comm::Communicator* comm);
+kernels::KeyExchange CandidateKeyExchange(comm::Communicator* comm, int64_t capacity);
+
 // The guess SelectAndGather collects candidates above: a fraction of the previous step's
 // threshold, the fraction tuned so that the candidates stay between 1.15 and 2 times the entries
 // selected (fewer risks the exact fallback, more costs memory and exchange). Only global counts
