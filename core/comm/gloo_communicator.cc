@@ -203,7 +203,7 @@ class GlooCommunicator final : public Communicator {
     };
   }
 
-  // An all-reduce Gloo runs on its own threads; Wait() finishes it as Run() does.
+  // A collective Gloo runs on its own threads; Wait() finishes it as Run() does.
   class Pending final : public PendingCollective {
    public:
     Pending(GlooCommunicator* comm, const char* what, WorkPtr work, int64_t seq, int64_t bytes)

@@ -89,7 +89,6 @@ class Trainer {
   at::Tensor x_global_;     // with the factor exchange: the whole global batch, x_ its rank's rows
   at::Tensor x_next_;       // with the factor exchange: the next step's batch, read during this one
   int64_t next_step_ = -1;  // the step whose batch x_next_ holds (-1: none)
-  int64_t stop_step_ = 0;   // the step loop ends before this step
   at::Tensor observed_x_;   // the batch for observe_step when the step overwrites x_
   kernels::InPlaceBackward in_place_;
   at::Tensor since_fired_;  // I64 [F]: tokens since each latent last fired
@@ -336,8 +335,8 @@ absl::Status Trainer::LossAndGradientsExchanged(int64_t step, bool use_aux, bool
   // computes the global batch's gradients from the whole batch's x (every rank read it) and every
   // rank's dL/dxhat, AuxK gradient and codes (err and gaux_ are the exchange's send rows).
   internal::ScaleToOutputGradient(err, row_scale, M_, d_);
-  // The next batch is read while the factors travel (the read needs no core that the exchange's
-  // transport is using on a loaded machine: it mostly waits for the peers).
+  // The next batch is read while the factors travel: the all-gather mostly waits for the other
+  // ranks, and the read fills that wait.
   RETURN_IF_ERROR(exchange_.Start(*comm_, codes_, use_aux, use_aux ? &aux_codes_ : nullptr));
   absl::Status prefetched = PrefetchNextBatch(step);
   RETURN_IF_ERROR(exchange_.Finish(*comm_, codes_));
@@ -439,7 +438,7 @@ absl::Status Trainer::ReadBatch(int64_t step, at::Tensor& batch) {
 }
 
 absl::Status Trainer::PrefetchNextBatch(int64_t step) {
-  if (step + 1 >= stop_step_) return absl::OkStatus();
+  if (step + 1 >= internal::StopStep(o_)) return absl::OkStatus();
   RETURN_IF_ERROR(ReadBatch(step + 1, x_next_));
   next_step_ = step + 1;
   return absl::OkStatus();
@@ -594,7 +593,6 @@ absl::StatusOr<TrainResult> Trainer::Run() {
     return absl::StrFormat("loss %.4g  %.0f tok/s%s", last_loss_, tps,
                            threshold_ >= 0 ? absl::StrFormat("  thr %.3g", threshold_) : "");
   };
-  stop_step_ = internal::StopStep(o_);
   ASSIGN_OR_RETURN(TrainResult result, internal::RunStepLoop(o_, start_step_, B_, &meter, hooks,
                                                              &last_loss_, &history_));
   const int64_t stop = result.steps;
