@@ -90,6 +90,13 @@ absl::StatusOr<int> ReadPortFromLauncher(int fd, std::chrono::milliseconds timeo
   return port;
 }
 
+// Local ranks are forks of the launcher unless CROSSDIFF_LAUNCH=exec asks for new processes of
+// this program (each then pays its start-up again).
+bool ForkLocalRanks() {
+  const char* mode = std::getenv("CROSSDIFF_LAUNCH");
+  return mode == nullptr || std::string(mode) != "exec";
+}
+
 }  // namespace
 
 LaunchFlags AddLaunchFlags(CommandLine& cl, double default_timeout_s) {
@@ -156,20 +163,30 @@ absl::StatusOr<std::optional<int>> MaybeLaunchLocal(const LaunchFlags& flags) {
     return absl::InvalidArgumentError(
         "--nproc: cannot be combined with --rank, --world-size or --rendezvous (it sets them)");
   }
-  absl::StatusOr<std::vector<std::string>> cmdline = ReadOwnCommandLine();
-  if (!cmdline.ok()) return cmdline.status();
-  absl::StatusOr<std::string> exe = OwnExecutable();
-  if (!exe.ok()) return exe.status();
-
   LocalLaunchSpec spec;
-  spec.executable = *exe;
-  spec.args = RemoveFlag(std::vector<std::string>(cmdline->begin() + 1, cmdline->end()), "nproc");
+  if (ForkLocalRanks()) {
+    spec.fork_ranks = true;
+  } else {
+    absl::StatusOr<std::vector<std::string>> cmdline = ReadOwnCommandLine();
+    if (!cmdline.ok()) return cmdline.status();
+    absl::StatusOr<std::string> exe = OwnExecutable();
+    if (!exe.ok()) return exe.status();
+    spec.executable = *exe;
+    spec.args = RemoveFlag(std::vector<std::string>(cmdline->begin() + 1, cmdline->end()), "nproc");
+  }
   spec.nproc = static_cast<int>(nproc);
   spec.host = "127.0.0.1";
   const double join_s = *flags.join_timeout_s > 0 ? *flags.join_timeout_s : *flags.timeout_s;
   spec.port_timeout = std::chrono::milliseconds(static_cast<int64_t>(join_s * 1000));
   absl::StatusOr<LocalLaunchResult> result = RunLocalRanks(spec);
   if (!result.ok()) return result.status();
+  if (result->forked_rank >= 0) {  // this process is one of the ranks: run the command
+    *flags.nproc = 1;
+    *flags.rank = result->forked_rank;
+    *flags.world_size = nproc;
+    *flags.rendezvous = absl::StrCat(spec.host, ":0");
+    return std::optional<int>();
+  }
   if (result->failed_rank >= 0) {
     std::fprintf(stderr, "crossdiff: %s; stopped the other ranks\n", result->failure.c_str());
     std::fflush(stderr);

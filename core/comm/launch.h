@@ -52,12 +52,17 @@ struct LaunchFlags {
 // slowest rank) pass a longer one; a dead peer is still noticed at once (its connections close).
 LaunchFlags AddLaunchFlags(CommandLine& cl, double default_timeout_s = 300);
 
-// With --nproc N > 1: re-executes this program (/proc/self/exe with the process's full original
-// command line from /proc/self/cmdline, minus --nproc) as ranks 0..N-1 on 127.0.0.1, forwards their
-// output with a "[rank R] " prefix, stops the others when one fails, and returns the exit code to
-// return from main: 0, or the failed rank's code (after printing "crossdiff: rank R ..." to
-// stderr). Returns std::nullopt when this process should run the command itself (no --nproc, or N
-// == 1). INVALID_ARGUMENT when --nproc is combined with --rank/--world-size/--rendezvous.
+// With --nproc N > 1: starts ranks 0..N-1 on 127.0.0.1, forwards their output with a "[rank R] "
+// prefix, stops the others when one fails, and returns the exit code to return from main: 0, or
+// the failed rank's code (after printing "crossdiff: rank R ..." to stderr). The ranks are forks
+// of this process (RunLocalRanks' fork_ranks, which skips the program's start-up in every rank):
+// in each of them MaybeLaunchLocal sets the flags to that rank's --rank/--world-size/--rendezvous
+// (and --nproc to 1) and returns std::nullopt, so the command goes on as that rank. With the
+// environment variable CROSSDIFF_LAUNCH=exec the ranks are new processes of this program instead
+// (/proc/self/exe with the original command line from /proc/self/cmdline, minus --nproc).
+// Returns std::nullopt too when this process should run the command itself (no --nproc, or N ==
+// 1). INVALID_ARGUMENT when --nproc is combined with --rank/--world-size/--rendezvous. Call it
+// before the command starts any thread.
 absl::StatusOr<std::optional<int>> MaybeLaunchLocal(const LaunchFlags& flags);
 
 // The RendezvousOptions the flags describe (INVALID_ARGUMENT naming the flag when malformed).

@@ -82,6 +82,7 @@ class Launcher {
       port_deadline_ = Clock::now() + spec_.port_timeout;
     }
     absl::Status s = Spawn(0, needs_port ? 0 : -1, port_pipe[1], -1);
+    if (forked_rank_ >= 0) return BecomeRank(port_pipe[1], -1);
     if (port_pipe[1] >= 0) close(port_pipe[1]);
     if (!s.ok()) return s;
     if (!needs_port) started_all_ = true;
@@ -98,6 +99,7 @@ class Launcher {
       fcntl(in[1], F_SETFD, FD_CLOEXEC);
       port_out_fds_.push_back(in[1]);
       absl::Status st = Spawn(r, 0, -1, in[0]);
+      if (forked_rank_ >= 0) return BecomeRank(-1, in[0]);
       close(in[0]);
       if (!st.ok()) {
         Fail(r, st.message().data());
@@ -198,6 +200,10 @@ class Launcher {
       close(out[1]);
       close(err[0]);
       close(err[1]);
+      if (spec_.fork_ranks) {
+        forked_rank_ = rank;  // Run() turns this process into the rank (BecomeRank)
+        return absl::OkStatus();
+      }
       execve(argv[0], argv.data(), envp.data());
       const char msg[] = "launcher: execv failed\n";
       (void)!write(STDERR_FILENO, msg, sizeof(msg) - 1);
@@ -210,6 +216,30 @@ class Launcher {
     pipes_.push_back({err[0], rank, true, ""});
     children_[rank] = {pid, true};
     return absl::OkStatus();
+  }
+
+  // In a forked rank: drops the launcher's descriptors this process inherited (the other ranks'
+  // output pipes, the port pipes), keeps its own port pipe end under the environment variable an
+  // executed rank would find it in, and returns the rank to the caller.
+  LocalLaunchResult BecomeRank(int port_write_fd, int port_read_fd) {
+    for (OutputPipe& p : pipes_) close(p.fd);
+    pipes_.clear();
+    if (port_fd_ >= 0) close(port_fd_);
+    port_fd_ = -1;
+    ClosePortOutputs();
+    unsetenv(kRendezvousPortFdEnv);
+    unsetenv(kRendezvousPortInFdEnv);
+    if (port_write_fd >= 0) {
+      fcntl(port_write_fd, F_SETFD, FD_CLOEXEC);
+      setenv(kRendezvousPortFdEnv, std::to_string(port_write_fd).c_str(), 1);
+    }
+    if (port_read_fd >= 0) {
+      fcntl(port_read_fd, F_SETFD, FD_CLOEXEC);
+      setenv(kRendezvousPortInFdEnv, std::to_string(port_read_fd).c_str(), 1);
+    }
+    LocalLaunchResult self;
+    self.forked_rank = forked_rank_;
+    return self;
   }
 
   void ClosePortOutputs() {
@@ -347,6 +377,7 @@ class Launcher {
   Clock::time_point drain_until_;
   Clock::time_point kill_at_;
   LocalLaunchResult result_;
+  int forked_rank_ = -1;  // set in a forked rank only
 };
 
 }  // namespace
@@ -355,7 +386,9 @@ absl::StatusOr<LocalLaunchResult> RunLocalRanks(const LocalLaunchSpec& spec) {
   if (spec.nproc < 1) {
     return absl::InvalidArgumentError(absl::StrCat("nproc: ", spec.nproc, " is < 1"));
   }
-  if (spec.executable.empty()) return absl::InvalidArgumentError("executable: empty path");
+  if (spec.executable.empty() && !spec.fork_ranks) {
+    return absl::InvalidArgumentError("executable: empty path");
+  }
   Launcher launcher(spec);
   return launcher.Run();
 }

@@ -163,9 +163,9 @@ absl::StatusOr<HarvestResult> RunHarvestImpl(const HarvestOptions& o,
   data::SequenceRange range{0, budget};
   if (o.sequence_end >= 0) {
     if (o.world_size > 1 || o.sequence_begin < 0 || o.sequence_end < o.sequence_begin) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "sequence range [", o.sequence_begin, ", ", o.sequence_end,
-          ") is invalid (or combined with several ranks)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("sequence range [", o.sequence_begin, ", ", o.sequence_end,
+                       ") is invalid (or combined with several ranks)"));
     }
     range = {o.sequence_begin, std::min(o.sequence_end, budget)};
     range.begin = std::min(range.begin, range.end);
@@ -190,8 +190,10 @@ absl::StatusOr<HarvestResult> RunHarvestImpl(const HarvestOptions& o,
   store.shard_prefix = ShardPrefix(o.rank, o.world_size);
   // The store first: a directory holding a complete store is refused before the slow loads.
   ASSIGN_OR_RETURN(auto writer, activations::StoreWriter::Create(o.out_dir, store));
-  ASSIGN_OR_RETURN(auto base, models::CausalLM::Load(o.base_dir, device));
-  ASSIGN_OR_RETURN(auto finetune, models::CausalLM::Load(o.finetune_dir, device));
+  // Blocks after o.layer never run, so they are not loaded.
+  ASSIGN_OR_RETURN(auto base, models::CausalLM::Load(o.base_dir, device, std::nullopt, o.layer));
+  ASSIGN_OR_RETURN(auto finetune,
+                   models::CausalLM::Load(o.finetune_dir, device, std::nullopt, o.layer));
 
   HarvestResult result;
   result.first_sequence = range.begin;

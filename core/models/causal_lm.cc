@@ -57,32 +57,40 @@ struct ModelWeights {
   // oneDNN's sgemm runs about 1.7x faster than the generic BLAS that LibTorch links on CPU.
   bool onednn = false;
   bool lm_head_onednn = false;
+  // final_norm and lm_head are loaded (a Load with last_block leaves them out).
+  bool head = false;
 };
 }  // namespace internal
 
 namespace {
 
 // Reads named tensors from a checkpoint, checks their shapes against config.json and converts
-// them to the model's dtype and device.
+// them to the model's dtype and device. Tensors are read in place from the checkpoint's mapping
+// (tensor_io::BorrowTensor) and copied once, into the layout the forward pass keeps: a fused
+// q/k/v matrix costs one copy (the concatenation) instead of two, and a oneDNN matrix one instead
+// of two.
 class WeightReader {
  public:
   WeightReader(const tensor_io::Checkpoint& ckpt, std::string ckpt_path, std::string model_type,
-               at::Device device, at::ScalarType dtype)
+               at::Device device, at::ScalarType dtype, bool onednn)
       : ckpt_(ckpt),
         path_(std::move(ckpt_path)),
         model_type_(std::move(model_type)),
         device_(device),
-        dtype_(dtype) {}
+        dtype_(dtype),
+        onednn_(onednn) {}
 
   bool Contains(const std::string& name) const { return ckpt_.Contains(name); }
 
-  // Loads `name` as stored (CPU, stored dtype), checking its shape.
+  // `name` as stored (CPU, stored dtype), its shape checked. Borrowed: it reads the checkpoint's
+  // read-only mapping, so it must be converted or copied (Keep, Matrix, at::cat) before Load
+  // returns and never modified in place.
   absl::StatusOr<at::Tensor> Raw(const std::string& name, std::vector<int64_t> shape) const {
     if (!ckpt_.Contains(name)) {
       return absl::NotFoundError(
           absl::StrCat(path_, ": tensor '", name, "' (required by ", model_type_, ") is missing"));
     }
-    ASSIGN_OR_RETURN(at::Tensor t, tensor_io::LoadTensor(ckpt_, name));
+    ASSIGN_OR_RETURN(at::Tensor t, tensor_io::BorrowTensor(ckpt_, name));
     if (t.sizes() != at::IntArrayRef(shape)) {
       return absl::InvalidArgumentError(absl::StrCat(path_, ": tensor '", name, "' has shape ",
                                                      ShapeString(t.sizes()),
@@ -94,18 +102,45 @@ class WeightReader {
     }
     return t;
   }
+  // A tensor the model keeps (embeddings, norms, biases), in memory of its own.
   absl::StatusOr<at::Tensor> Get(const std::string& name, std::vector<int64_t> shape) const {
     ASSIGN_OR_RETURN(at::Tensor t, Raw(name, std::move(shape)));
-    return Place(t);
+    return Keep(t);
   }
-  at::Tensor Place(const at::Tensor& t) const { return t.to(device_, dtype_).contiguous(); }
+  // A projection matrix [out, in] as the forward pass holds it (see Matrix).
+  absl::StatusOr<at::Tensor> GetMatrix(const std::string& name, int64_t out, int64_t in) const {
+    ASSIGN_OR_RETURN(at::Tensor t, Raw(name, {out, in}));
+    return Matrix(t);
+  }
   // Conv1D (GPT-2) stores [in, out]; we keep [out, in].
-  absl::StatusOr<at::Tensor> GetTransposed(const std::string& name, int64_t in, int64_t out) const {
+  absl::StatusOr<at::Tensor> GetTransposedMatrix(const std::string& name, int64_t in,
+                                                 int64_t out) const {
     ASSIGN_OR_RETURN(at::Tensor t, Raw(name, {in, out}));
-    return Place(t.t());
+    return Matrix(t.t());
+  }
+  // `t` (borrowed or not) on the model's device in its dtype, contiguous, in memory of its own.
+  at::Tensor Keep(const at::Tensor& t) const {
+    at::Tensor kept = t.to(device_, dtype_).contiguous();
+    return kept.is_alias_of(t) ? kept.clone() : kept;
+  }
+  // Projection matrix `t` [out, in] (borrowed or not): a oneDNN tensor when the model uses
+  // oneDNN, else as Keep.
+  at::Tensor Matrix(const at::Tensor& t) const {
+    if (onednn_) return t.to(dtype_).contiguous().to_mkldnn();
+    return Keep(t);
+  }
+  // The concatenation of borrowed tensors along dim 0 (q/k/v, gate/up) as a projection matrix.
+  at::Tensor FusedMatrix(std::initializer_list<at::Tensor> parts) const {
+    at::Tensor fused = Concatenate(parts);
+    return onednn_ ? fused.to_mkldnn() : fused.to(device_);
+  }
+  // ... and as a bias.
+  at::Tensor FusedBias(std::initializer_list<at::Tensor> parts) const {
+    return Concatenate(parts).to(device_);
   }
   at::Device device() const { return device_; }
   at::ScalarType dtype() const { return dtype_; }
+  bool onednn() const { return onednn_; }
 
  private:
   const tensor_io::Checkpoint& ckpt_;
@@ -113,6 +148,15 @@ class WeightReader {
   std::string model_type_;
   at::Device device_;
   at::ScalarType dtype_;
+  bool onednn_;
+
+  // A new CPU tensor in the model dtype (at::cat always writes a fresh one).
+  at::Tensor Concatenate(std::initializer_list<at::Tensor> parts) const {
+    std::vector<at::Tensor> converted;
+    converted.reserve(parts.size());
+    for (const at::Tensor& part : parts) converted.push_back(part.to(dtype_));
+    return at::cat(converted, 0);
+  }
 };
 
 absl::StatusOr<internal::ModelWeights::Norm> LoadNorm(const WeightReader& r, const ModelConfig& c,
@@ -132,42 +176,58 @@ absl::StatusOr<internal::ModelWeights::Norm> LoadNorm(const WeightReader& r, con
   return n;
 }
 
-absl::Status LoadGpt2(const WeightReader& r, const ModelConfig& c, internal::ModelWeights& w) {
+// What a Load reads: blocks 0..blocks-1, and the final norm and the LM head when `head`.
+struct LoadScope {
+  int64_t blocks = 0;
+  bool head = true;
+};
+
+// The final norm and the LM head, when the scope asks for them.
+absl::Status LoadHead(const WeightReader& r, const ModelConfig& c, const LoadScope& scope,
+                      const std::string& final_norm, internal::ModelWeights& w) {
+  if (!scope.head) return absl::OkStatus();
+  w.head = true;
+  ASSIGN_OR_RETURN(w.final_norm, LoadNorm(r, c, final_norm));
+  if (c.tie_word_embeddings) {
+    w.lm_head = w.embed;
+  } else {
+    ASSIGN_OR_RETURN(w.lm_head, r.Get("lm_head.weight", {c.vocab_size, c.hidden_size}));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LoadGpt2(const WeightReader& r, const ModelConfig& c, const LoadScope& scope,
+                      internal::ModelWeights& w) {
   // The original OpenAI checkpoints store names without the "transformer." prefix.
   const std::string p =
       r.Contains("wte.weight") && !r.Contains("transformer.wte.weight") ? "" : "transformer.";
   const int64_t d = c.hidden_size, inner = c.intermediate_size;
   ASSIGN_OR_RETURN(w.embed, r.Get(p + "wte.weight", {c.vocab_size, d}));
   ASSIGN_OR_RETURN(w.positions, r.Get(p + "wpe.weight", {c.max_position_embeddings, d}));
-  for (int64_t i = 0; i < c.num_layers; ++i) {
+  for (int64_t i = 0; i < scope.blocks; ++i) {
     const std::string lp = absl::StrCat(p, "h.", i, ".");
     internal::ModelWeights::Layer L;
     ASSIGN_OR_RETURN(L.attn_norm, LoadNorm(r, c, lp + "ln_1"));
     ASSIGN_OR_RETURN(L.mlp_norm, LoadNorm(r, c, lp + "ln_2"));
-    ASSIGN_OR_RETURN(L.qkv_w, r.GetTransposed(lp + "attn.c_attn.weight", d, 3 * d));
+    ASSIGN_OR_RETURN(L.qkv_w, r.GetTransposedMatrix(lp + "attn.c_attn.weight", d, 3 * d));
     ASSIGN_OR_RETURN(L.qkv_b, r.Get(lp + "attn.c_attn.bias", {3 * d}));
-    ASSIGN_OR_RETURN(L.o_w, r.GetTransposed(lp + "attn.c_proj.weight", d, d));
+    ASSIGN_OR_RETURN(L.o_w, r.GetTransposedMatrix(lp + "attn.c_proj.weight", d, d));
     ASSIGN_OR_RETURN(L.o_b, r.Get(lp + "attn.c_proj.bias", {d}));
-    ASSIGN_OR_RETURN(L.up_w, r.GetTransposed(lp + "mlp.c_fc.weight", d, inner));
+    ASSIGN_OR_RETURN(L.up_w, r.GetTransposedMatrix(lp + "mlp.c_fc.weight", d, inner));
     ASSIGN_OR_RETURN(L.up_b, r.Get(lp + "mlp.c_fc.bias", {inner}));
-    ASSIGN_OR_RETURN(L.down_w, r.GetTransposed(lp + "mlp.c_proj.weight", inner, d));
+    ASSIGN_OR_RETURN(L.down_w, r.GetTransposedMatrix(lp + "mlp.c_proj.weight", inner, d));
     ASSIGN_OR_RETURN(L.down_b, r.Get(lp + "mlp.c_proj.bias", {d}));
     w.layers.push_back(std::move(L));
   }
-  ASSIGN_OR_RETURN(w.final_norm, LoadNorm(r, c, p + "ln_f"));
-  if (c.tie_word_embeddings) {
-    w.lm_head = w.embed;
-  } else {
-    ASSIGN_OR_RETURN(w.lm_head, r.Get("lm_head.weight", {c.vocab_size, d}));
-  }
-  return absl::OkStatus();
+  return LoadHead(r, c, scope, p + "ln_f", w);
 }
 
-absl::Status LoadLlamaLike(const WeightReader& r, const ModelConfig& c, internal::ModelWeights& w) {
+absl::Status LoadLlamaLike(const WeightReader& r, const ModelConfig& c, const LoadScope& scope,
+                           internal::ModelWeights& w) {
   const int64_t d = c.hidden_size, hd = c.head_dim, inner = c.intermediate_size;
   const int64_t q_out = c.num_heads * hd, kv_out = c.num_kv_heads * hd;
   ASSIGN_OR_RETURN(w.embed, r.Get("model.embed_tokens.weight", {c.vocab_size, d}));
-  for (int64_t i = 0; i < c.num_layers; ++i) {
+  for (int64_t i = 0; i < scope.blocks; ++i) {
     const std::string lp = absl::StrCat("model.layers.", i, ".");
     internal::ModelWeights::Layer L;
     ASSIGN_OR_RETURN(L.attn_norm, LoadNorm(r, c, lp + "input_layernorm"));
@@ -182,37 +242,31 @@ absl::Status LoadLlamaLike(const WeightReader& r, const ModelConfig& c, internal
     ASSIGN_OR_RETURN(at::Tensor q, r.Raw(ap + "q_proj.weight", {q_out, d}));
     ASSIGN_OR_RETURN(at::Tensor k, r.Raw(ap + "k_proj.weight", {kv_out, d}));
     ASSIGN_OR_RETURN(at::Tensor v, r.Raw(ap + "v_proj.weight", {kv_out, d}));
-    L.qkv_w = r.Place(at::cat({q.to(r.dtype()), k.to(r.dtype()), v.to(r.dtype())}, 0));
+    L.qkv_w = r.FusedMatrix({q, k, v});
     if (c.qkv_bias) {
       ASSIGN_OR_RETURN(at::Tensor qb, r.Raw(ap + "q_proj.bias", {q_out}));
       ASSIGN_OR_RETURN(at::Tensor kb, r.Raw(ap + "k_proj.bias", {kv_out}));
       ASSIGN_OR_RETURN(at::Tensor vb, r.Raw(ap + "v_proj.bias", {kv_out}));
-      L.qkv_b = r.Place(at::cat({qb.to(r.dtype()), kb.to(r.dtype()), vb.to(r.dtype())}, 0));
+      L.qkv_b = r.FusedBias({qb, kb, vb});
     }
-    ASSIGN_OR_RETURN(L.o_w, r.Get(ap + "o_proj.weight", {d, q_out}));
+    ASSIGN_OR_RETURN(L.o_w, r.GetMatrix(ap + "o_proj.weight", d, q_out));
     if (c.o_bias) {
       ASSIGN_OR_RETURN(L.o_b, r.Get(ap + "o_proj.bias", {d}));
     }
     const std::string mp = lp + "mlp.";
     ASSIGN_OR_RETURN(at::Tensor gate, r.Raw(mp + "gate_proj.weight", {inner, d}));
     ASSIGN_OR_RETURN(at::Tensor up, r.Raw(mp + "up_proj.weight", {inner, d}));
-    L.up_w = r.Place(at::cat({gate.to(r.dtype()), up.to(r.dtype())}, 0));
-    ASSIGN_OR_RETURN(L.down_w, r.Get(mp + "down_proj.weight", {d, inner}));
+    L.up_w = r.FusedMatrix({gate, up});
+    ASSIGN_OR_RETURN(L.down_w, r.GetMatrix(mp + "down_proj.weight", d, inner));
     if (c.mlp_bias) {
       ASSIGN_OR_RETURN(at::Tensor gb, r.Raw(mp + "gate_proj.bias", {inner}));
       ASSIGN_OR_RETURN(at::Tensor ub, r.Raw(mp + "up_proj.bias", {inner}));
-      L.up_b = r.Place(at::cat({gb.to(r.dtype()), ub.to(r.dtype())}, 0));
+      L.up_b = r.FusedBias({gb, ub});
       ASSIGN_OR_RETURN(L.down_b, r.Get(mp + "down_proj.bias", {d}));
     }
     w.layers.push_back(std::move(L));
   }
-  ASSIGN_OR_RETURN(w.final_norm, LoadNorm(r, c, "model.norm"));
-  if (c.tie_word_embeddings) {
-    w.lm_head = w.embed;
-  } else {
-    ASSIGN_OR_RETURN(w.lm_head, r.Get("lm_head.weight", {c.vocab_size, d}));
-  }
-  return absl::OkStatus();
+  return LoadHead(r, c, scope, "model.norm", w);
 }
 
 // The checkpoint file of a model directory: the shard index when present, else model.safetensors.
@@ -267,8 +321,17 @@ CausalLM::~CausalLM() = default;
 
 absl::StatusOr<std::unique_ptr<CausalLM>> CausalLM::Load(const std::string& model_dir,
                                                          at::Device device,
-                                                         std::optional<at::ScalarType> dtype) {
+                                                         std::optional<at::ScalarType> dtype,
+                                                         std::optional<int> last_block) {
   ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(model_dir));
+  if (last_block.has_value() && (*last_block < 0 || *last_block >= config.num_layers)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(model_dir, ": layer ", *last_block, " is out of range: the model has ",
+                     config.num_layers, " blocks (valid layers 0..", config.num_layers - 1, ")"));
+  }
+  LoadScope scope;
+  scope.blocks = last_block.has_value() ? *last_block + 1 : config.num_layers;
+  scope.head = !last_block.has_value();
   const at::ScalarType act_dtype = dtype.value_or(device.is_cuda() ? at::kBFloat16 : at::kFloat);
   if (!at::isFloatingType(act_dtype)) {
     return absl::InvalidArgumentError(
@@ -285,22 +348,19 @@ absl::StatusOr<std::unique_ptr<CausalLM>> CausalLM::Load(const std::string& mode
   auto weights = std::make_unique<Weights>();
   RETURN_IF_ERROR(GuardTorch(absl::StrCat(model_dir, ": loading weights"), [&]() -> absl::Status {
     at::NoGradGuard no_grad;
-    WeightReader reader(*ckpt, ckpt_path, config.model_type, device, act_dtype);
+    weights->onednn = UseOneDnn(device, act_dtype);
+    WeightReader reader(*ckpt, ckpt_path, config.model_type, device, act_dtype, weights->onednn);
     if (config.family == ModelFamily::kGpt2) {
-      RETURN_IF_ERROR(LoadGpt2(reader, config, *weights));
+      RETURN_IF_ERROR(LoadGpt2(reader, config, scope, *weights));
     } else {
-      RETURN_IF_ERROR(LoadLlamaLike(reader, config, *weights));
+      RETURN_IF_ERROR(LoadLlamaLike(reader, config, scope, *weights));
       weights->inv_freq = RopeInverseFrequencies(config);
     }
-    if (UseOneDnn(device, act_dtype)) {
-      weights->onednn = true;
-      for (auto& L : weights->layers) {
-        for (at::Tensor* t : {&L.qkv_w, &L.o_w, &L.up_w, &L.down_w}) *t = t->to_mkldnn();
-      }
-      // A tied head stays dense (shared with the embedding; a oneDNN copy would double the largest
-      // matrix of the model for an output that harvesting never asks for).
-      weights->lm_head_onednn = !config.tie_word_embeddings;
-      if (weights->lm_head_onednn) weights->lm_head = weights->lm_head.to_mkldnn();
+    // A tied head stays dense (shared with the embedding; a oneDNN copy would double the largest
+    // matrix of the model for an output that harvesting never asks for).
+    if (weights->onednn && weights->lm_head.defined() && !config.tie_word_embeddings) {
+      weights->lm_head_onednn = true;
+      weights->lm_head = weights->lm_head.to_mkldnn();
     }
     if (config.scale_embeddings) {
       // transformers multiplies by torch.tensor(sqrt(hidden_size), dtype=activation dtype).
@@ -453,6 +513,13 @@ absl::StatusOr<ForwardResult> CausalLM::Forward(const at::Tensor& input_ids,
   }
   if (last_block < 0) {
     return absl::InvalidArgumentError("forward request asks for no output");
+  }
+  const int64_t loaded = static_cast<int64_t>(weights_->layers.size());
+  if (last_block >= loaded || (needs_all && !weights_->head)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(model_dir_, ": the request needs block ", last_block,
+                     needs_all ? " and the final norm" : "",
+                     ", but the model was loaded up to block ", loaded - 1, " only"));
   }
   if (!input_ids.defined() || input_ids.dim() != 2) {
     return absl::InvalidArgumentError("input_ids must be a [batch, seq] tensor");

@@ -66,10 +66,15 @@ class CausalLM {
   // bfloat16 weights and activations by default; `dtype` overrides either.
   // Errors: those of LoadModelConfig; NOT_FOUND naming the tensor and checkpoint file when a tensor
   // the architecture needs is absent; INVALID_ARGUMENT naming the tensor when its shape disagrees
-  // with config.json.
+  // with config.json. With `last_block` set, only the embeddings and blocks 0..last_block are
+  // loaded (no final norm, no LM head): all that a harvest of that block's residual stream runs,
+  // for about (last_block + 1) / num_layers of the load time and memory. Such a model answers
+  // Forward requests that need no later block and returns FAILED_PRECONDITION for the others; a
+  // last_block outside [0, num_layers) is INVALID_ARGUMENT.
   static absl::StatusOr<std::unique_ptr<CausalLM>> Load(
       const std::string& model_dir, at::Device device = at::kCPU,
-      std::optional<at::ScalarType> dtype = std::nullopt);
+      std::optional<at::ScalarType> dtype = std::nullopt,
+      std::optional<int> last_block = std::nullopt);
 
   ~CausalLM();
   CausalLM(const CausalLM&) = delete;
@@ -82,7 +87,8 @@ class CausalLM {
 
   // Runs the forward pass. INVALID_ARGUMENT for bad shapes/dtypes, token ids outside the
   // vocabulary, sequences longer than GPT-2's position table, an empty request, or a capture block
-  // outside [0, num_layers) (the message names the block and the layer count).
+  // outside [0, num_layers) (the message names the block and the layer count);
+  // FAILED_PRECONDITION for a request that needs a block a truncated Load (last_block) left out.
   absl::StatusOr<ForwardResult> Forward(const at::Tensor& input_ids,
                                         const at::Tensor& attention_mask,
                                         const ForwardRequest& req) const;

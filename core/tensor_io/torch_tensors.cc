@@ -1,5 +1,6 @@
 #include "core/tensor_io/torch_tensors.h"
 
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -93,6 +94,28 @@ absl::StatusOr<at::Tensor> LoadTensor(const Checkpoint& ckpt, std::string_view n
   ASSIGN_OR_RETURN(const SafetensorsFile* file, ckpt.FileOf(name));
   ASSIGN_OR_RETURN(const TensorInfo* info, ckpt.Get(name));
   return LoadTensor(*file, *info);
+}
+
+absl::StatusOr<at::Tensor> BorrowTensor(const SafetensorsFile& file, const TensorInfo& info) {
+  ASSIGN_OR_RETURN(at::ScalarType type, ToScalarType(info.dtype));
+  const uint8_t* src = file.data(info);
+  const size_t element = c10::elementSize(type);
+  if (info.dtype == DType::kBool || info.nbytes() == 0 ||
+      reinterpret_cast<uintptr_t>(src) % element != 0) {
+    return LoadTensor(file, info);
+  }
+  return GuardTorch(absl::StrCat(file.path(), ": tensor '", info.name, "'"),
+                    [&]() -> absl::StatusOr<at::Tensor> {
+                      // from_blob takes a mutable pointer; the tensor is documented read-only.
+                      return at::from_blob(const_cast<uint8_t*>(src), info.shape,
+                                           at::TensorOptions().dtype(type));
+                    });
+}
+
+absl::StatusOr<at::Tensor> BorrowTensor(const Checkpoint& ckpt, std::string_view name) {
+  ASSIGN_OR_RETURN(const SafetensorsFile* file, ckpt.FileOf(name));
+  ASSIGN_OR_RETURN(const TensorInfo* info, ckpt.Get(name));
+  return BorrowTensor(*file, *info);
 }
 
 absl::Status AddTensor(SafetensorsWriter& writer, const std::string& name, const at::Tensor& t) {

@@ -2,12 +2,18 @@
 // the other ranks when one fails, and the flag helpers.
 #include "core/comm/launch.h"
 
+#include <dirent.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <array>
 #include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
 
+#include "absl/strings/numbers.h"
+#include "core/comm/local_launcher.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/comm/rank_runner.h"
@@ -56,6 +62,67 @@ TEST(LocalLauncherTest, RankZeroThatNeverPublishesItsPortIsNamed) {
   EXPECT_EQ(result->exit_codes[1], 128 + SIGTERM);
 }
 
+// Descriptors of this process that are pipes, other than stdin/stdout/stderr and `keep`.
+std::vector<int> OtherPipes(int keep) {
+  std::vector<int> pipes;
+  DIR* d = opendir("/proc/self/fd");
+  if (d == nullptr) return {-1};
+  while (dirent* e = readdir(d)) {
+    int fd = -1;
+    if (!absl::SimpleAtoi(e->d_name, &fd) || fd <= 2 || fd == keep) continue;
+    char target[256] = {};
+    const std::string link = std::string("/proc/self/fd/") + e->d_name;
+    if (readlink(link.c_str(), target, sizeof target - 1) > 0 &&
+        std::string(target).rfind("pipe:", 0) == 0) {
+      pipes.push_back(fd);
+    }
+  }
+  closedir(d);
+  return pipes;
+}
+
+// Forked ranks (what --nproc uses): each fork returns from RunLocalRanks as its rank, finds its
+// end of the port pipe where an executed rank would, and holds none of the launcher's other pipes
+// (a rank holding another's port pipe open would keep it from ever seeing EOF).
+TEST(LocalLauncherTest, ForkedRanksGetTheirRankAndOnlyTheirOwnPipes) {
+  LocalLaunchSpec spec;
+  spec.fork_ranks = true;
+  spec.nproc = 3;
+  std::vector<std::string> lines[3];
+  spec.on_line = [&](int rank, bool is_stderr, const std::string& line) {
+    lines[rank].push_back(std::string(is_stderr ? "err: " : "") + line);
+  };
+  const std::vector<int> inherited = OtherPipes(-1);  // from whoever started the test
+  absl::StatusOr<LocalLaunchResult> result = RunLocalRanks(spec);
+  ASSERT_TRUE(result.ok()) << result.status();
+  if (result->forked_rank >= 0) {  // in a rank: report on stdout, never return into the test
+    const int rank = result->forked_rank;
+    const char* env = std::getenv(rank == 0 ? kRendezvousPortFdEnv : kRendezvousPortInFdEnv);
+    int fd = -1;
+    std::string port = "none";
+    if (env != nullptr && absl::SimpleAtoi(env, &fd)) {
+      if (rank == 0) {
+        port = "4242";
+        (void)!write(fd, "4242\n", 5);
+      } else {
+        char buf[16] = {};
+        const ssize_t n = read(fd, buf, sizeof buf - 1);
+        if (n > 0) port = std::string(buf, n - 1);
+      }
+    }
+    std::printf("rank %d of %d, port %s, pipes beyond the launcher's own: %s\n", rank, spec.nproc,
+                port.c_str(), OtherPipes(fd) == inherited ? "none" : "some");
+    std::fflush(stdout);
+    _exit(0);
+  }
+  EXPECT_EQ(result->failed_rank, -1) << result->failure;
+  EXPECT_THAT(result->exit_codes, ElementsAre(0, 0, 0));
+  for (int r = 0; r < 3; ++r) {
+    EXPECT_THAT(lines[r], ElementsAre("rank " + std::to_string(r) +
+                                      " of 3, port 4242, pipes beyond the launcher's own: none"));
+  }
+}
+
 // Runs `command`, returns its exit status and merged output.
 std::pair<int, std::string> Shell(const std::string& command) {
   std::string output;
@@ -68,6 +135,14 @@ std::pair<int, std::string> Shell(const std::string& command) {
 
 TEST(MaybeLaunchLocalTest, NprocRunsTheSameCommandAsRanks) {
   auto [code, output] = Shell(RankBinary() + " --nproc 2 --scenario collectives");
+  EXPECT_EQ(code, 0) << output;
+  EXPECT_THAT(output, HasSubstr("[rank 0] COLLECTIVES_OK"));
+  EXPECT_THAT(output, HasSubstr("[rank 1] COLLECTIVES_OK"));
+}
+
+TEST(MaybeLaunchLocalTest, ExecLaunchRunsTheSameCommandAsRanks) {
+  auto [code, output] =
+      Shell("CROSSDIFF_LAUNCH=exec " + RankBinary() + " --nproc 2 --scenario collectives");
   EXPECT_EQ(code, 0) << output;
   EXPECT_THAT(output, HasSubstr("[rank 0] COLLECTIVES_OK"));
   EXPECT_THAT(output, HasSubstr("[rank 1] COLLECTIVES_OK"));
@@ -122,15 +197,15 @@ absl::StatusOr<RendezvousOptions> OptionsWithPortPipe(const std::string& written
   int p[2];
   EXPECT_EQ(pipe(p), 0);
   if (!written.empty()) {
-    EXPECT_EQ(write(p[1], written.data(), written.size()),
-              static_cast<ssize_t>(written.size()));
+    EXPECT_EQ(write(p[1], written.data(), written.size()), static_cast<ssize_t>(written.size()));
   }
   if (close_it) close(p[1]);
   setenv(kRendezvousPortInFdEnv, std::to_string(p[0]).c_str(), 1);
   CommandLine cl("t", "t");
   LaunchFlags flags = AddLaunchFlags(cl);
-  std::array<const char*, 9> argv = {"t", "--rank", "1", "--world-size", "2", "--rendezvous",
-                                     "127.0.0.1:0", "--rendezvous-timeout", "0.3"};
+  std::array<const char*, 9> argv = {"t",  "--rank",       "1",           "--world-size",
+                                     "2",  "--rendezvous", "127.0.0.1:0", "--rendezvous-timeout",
+                                     "0.3"};
   EXPECT_TRUE(cl.Parse(9, const_cast<char**>(argv.data())).ok());
   auto o = RendezvousOptionsFromFlags(flags);
   if (!close_it) close(p[1]);

@@ -44,6 +44,21 @@ void CopyTensors(const tensor_io::SafetensorsFile& src, tensor_io::SafetensorsWr
   }
 }
 
+// A copy of the fixture `arch` in a fresh directory: its config.json and the tensors `keep`
+// accepts.
+template <typename Keep>
+std::string PartialFixture(const std::string& name, const std::string& arch, Keep keep) {
+  const std::string dir = MakeTempDir(name);
+  fs::copy_file(HfFixture(arch) + "/config.json", dir + "/config.json");
+  auto src = tensor_io::SafetensorsFile::Open(HfFixture(arch) + "/model.safetensors");
+  EXPECT_TRUE(src.ok()) << src.status();
+  if (!src.ok()) return dir;
+  tensor_io::SafetensorsWriter writer;
+  CopyTensors(**src, writer, "", "", keep);
+  EXPECT_TRUE(writer.Write(dir + "/model.safetensors").ok());
+  return dir;
+}
+
 TEST(LoadErrorsTest, MissingTensorNamesTensorAndFile) {
   const std::string dir = MakeTempDir("missing");
   fs::copy_file(HfFixture("llama") + "/config.json", dir + "/config.json");
@@ -60,16 +75,41 @@ TEST(LoadErrorsTest, MissingTensorNamesTensorAndFile) {
 }
 
 TEST(LoadErrorsTest, UntiedModelWithoutLmHeadFails) {
-  const std::string dir = MakeTempDir("nohead");
-  fs::copy_file(HfFixture("qwen2") + "/config.json", dir + "/config.json");
-  auto src = tensor_io::SafetensorsFile::Open(HfFixture("qwen2") + "/model.safetensors");
-  ASSERT_TRUE(src.ok());
-  tensor_io::SafetensorsWriter writer;
-  CopyTensors(**src, writer, "", "", [](const std::string& n) { return n != "lm_head.weight"; });
-  ASSERT_TRUE(writer.Write(dir + "/model.safetensors").ok());
+  const std::string dir =
+      PartialFixture("nohead", "qwen2", [](const std::string& n) { return n != "lm_head.weight"; });
   auto model = CausalLM::Load(dir);
   EXPECT_EQ(model.status().code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(model.status().message(), HasSubstr("'lm_head.weight'"));
+}
+
+// A model loaded up to a block reads nothing after it: the missing head and a broken later block do
+// not matter, the block range is checked.
+TEST(LoadErrorsTest, LoadUpToABlockReadsOnlyThoseBlocks) {
+  const std::string dir = PartialFixture("upto", "qwen2", [](const std::string& n) {
+    return n != "lm_head.weight" && n != "model.norm.weight" && n.rfind("model.layers.1.", 0) != 0;
+  });
+  auto model = CausalLM::Load(dir, at::kCPU, std::nullopt, 0);
+  ASSERT_TRUE(model.ok()) << model.status();
+  auto full = CausalLM::Load(HfFixture("qwen2"));
+  ASSERT_TRUE(full.ok()) << full.status();
+  at::Tensor ids = at::arange(12, at::kLong).reshape({2, 6});
+  at::Tensor mask = at::ones_like(ids);
+  auto got = (*model)->ResidualAfterBlock(ids, mask, 0);
+  auto want = (*full)->ResidualAfterBlock(ids, mask, 0);
+  ASSERT_TRUE(got.ok() && want.ok()) << got.status();
+  EXPECT_TRUE(at::equal(*got, *want));
+  // Loading further needs the missing block.
+  auto block1 = CausalLM::Load(dir, at::kCPU, std::nullopt, 1);
+  EXPECT_EQ(block1.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(block1.status().message(), HasSubstr("'model.layers.1."));
+  const int64_t n = (*full)->config().num_layers;
+  for (int bad : {-1, static_cast<int>(n)}) {
+    auto out_of_range = CausalLM::Load(HfFixture("qwen2"), at::kCPU, std::nullopt, bad);
+    EXPECT_EQ(out_of_range.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_THAT(out_of_range.status().message(),
+                HasSubstr("layer " + std::to_string(bad) + " is out of range: the model has " +
+                          std::to_string(n) + " blocks"));
+  }
 }
 
 TEST(LoadErrorsTest, ShapeMismatchWithConfigIsNamed) {

@@ -2,6 +2,7 @@
 // tiny checkpoints in ../shared/fixtures/hf (atol = rtol = 1e-4, every position, pads included),
 // plus truncation (capturing block L runs exactly L + 1 blocks) and padding (a padded row equals
 // its unpadded run on real positions).
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -121,6 +122,30 @@ TEST_P(ParityTest, Int32IdsGiveTheSameResult) {
   auto b = model_->Forward(ids_.to(at::kInt), mask_.to(at::kInt), req);
   ASSERT_TRUE(a.ok() && b.ok());
   EXPECT_TRUE(at::equal(a->logits, b->logits));
+}
+
+// Load(..., last_block) keeps blocks 0..last_block only: the residual stream after each of them is
+// bit for bit the full model's, and requests that need a later block are refused.
+TEST_P(ParityTest, ModelLoadedUpToABlockMatchesTheFullModel) {
+  const int n = static_cast<int>(model_->config().num_layers);
+  for (int layer = 0; layer < n; ++layer) {
+    auto truncated = CausalLM::Load(HfFixture(GetParam()), at::kCPU, std::nullopt, layer);
+    ASSERT_TRUE(truncated.ok()) << truncated.status();
+    auto want = model_->ResidualAfterBlock(ids_, mask_, layer);
+    auto got = (*truncated)->ResidualAfterBlock(ids_, mask_, layer);
+    ASSERT_TRUE(want.ok() && got.ok()) << got.status();
+    EXPECT_TRUE(at::equal(*got, *want)) << GetParam() << " layer " << layer;
+    ForwardRequest logits;
+    logits.logits = true;
+    // Refused even at layer n - 1: every block is there, but not the final norm or the head.
+    auto refused = (*truncated)->Forward(ids_, mask_, logits);
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_THAT(std::string(refused.status().message()),
+                ::testing::HasSubstr("loaded up to block " + std::to_string(layer) + " only"));
+    if (layer == n - 1) continue;
+    auto later = (*truncated)->ResidualAfterBlock(ids_, mask_, layer + 1);
+    EXPECT_EQ(later.status().code(), absl::StatusCode::kFailedPrecondition);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(HfFixtures, ParityTest,

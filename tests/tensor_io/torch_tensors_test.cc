@@ -65,6 +65,42 @@ TEST(TorchTensorsTest, LoadsFromCheckpointAndTheFixture) {
   EXPECT_THAT(std::string(missing.status().message()), HasSubstr("no tensor named 'nope'"));
 }
 
+TEST(TorchTensorsTest, BorrowReadsTheMappingAndCopiesWhenUnaligned) {
+  ScratchDir dir;
+  SafetensorsWriter w;
+  const float aligned[3] = {1.5f, -2.0f, 3.25f};
+  const uint8_t one_byte[1] = {7};
+  const float unaligned[2] = {4.0f, -5.5f};
+  // Data section order = insertion order: "a" at offset 0, "b" at 12, "c" at 13 (not a multiple
+  // of 4, so "c" cannot be read in place as float32).
+  ASSERT_TRUE(w.Add("a", DType::kF32, {3}, aligned, sizeof aligned).ok());
+  ASSERT_TRUE(w.Add("b", DType::kU8, {1}, one_byte, 1).ok());
+  ASSERT_TRUE(w.Add("c", DType::kF32, {2}, unaligned, sizeof unaligned).ok());
+  ASSERT_TRUE(w.Write(dir.file("t.safetensors")).ok());
+  auto file = SafetensorsFile::Open(dir.file("t.safetensors"));
+  ASSERT_TRUE(file.ok()) << file.status();
+
+  auto a = BorrowTensor(**file, *(*file)->Get("a").value());
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ(a->data_ptr(), static_cast<const void*>((*file)->data(*(*file)->Get("a").value())));
+  EXPECT_TRUE(at::equal(*a, at::tensor({1.5f, -2.0f, 3.25f})));
+
+  const TensorInfo& c_info = *(*file)->Get("c").value();
+  ASSERT_NE(reinterpret_cast<uintptr_t>((*file)->data(c_info)) % sizeof(float), 0u);
+  auto c = BorrowTensor(**file, c_info);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_NE(c->data_ptr(), static_cast<const void*>((*file)->data(c_info)));
+  EXPECT_TRUE(at::equal(*c, at::tensor({4.0f, -5.5f})));
+
+  auto ckpt = Checkpoint::Open(dir.file("t.safetensors"));
+  ASSERT_TRUE(ckpt.ok()) << ckpt.status();
+  auto b = BorrowTensor(**ckpt, "b");
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ(b->scalar_type(), at::kByte);
+  EXPECT_EQ(b->item<uint8_t>(), 7);
+  EXPECT_EQ(BorrowTensor(**ckpt, "nope").status().code(), absl::StatusCode::kNotFound);
+}
+
 TEST(TorchTensorsTest, RejectsInvalidBoolBytes) {
   ScratchDir dir;
   SafetensorsWriter w;
