@@ -64,8 +64,7 @@ struct LocalLaunchResult {
 };
 
 // Errors: INVALID_ARGUMENT (nproc < 1, no executable without fork_ranks), INTERNAL (fork/pipe
-// failed). A failing rank is not an
-// error of this function: it is reported in the result.
+// failed). A failing rank is not an error of this function: it is reported in the result.
 absl::StatusOr<LocalLaunchResult> RunLocalRanks(const LocalLaunchSpec& spec);
 
 }  // namespace crossdiff::comm

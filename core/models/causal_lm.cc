@@ -57,8 +57,8 @@ struct ModelWeights {
   // oneDNN's sgemm runs about 1.7x faster than the generic BLAS that LibTorch links on CPU.
   bool onednn = false;
   bool lm_head_onednn = false;
-  // final_norm and lm_head are loaded (a Load with last_block leaves them out).
-  bool head = false;
+  // A Load with last_block leaves final_norm and lm_head out (lm_head is then undefined).
+  bool has_head() const { return lm_head.defined(); }
 };
 }  // namespace internal
 
@@ -139,8 +139,6 @@ class WeightReader {
     return Concatenate(parts).to(device_);
   }
   at::Device device() const { return device_; }
-  at::ScalarType dtype() const { return dtype_; }
-  bool onednn() const { return onednn_; }
 
  private:
   const tensor_io::Checkpoint& ckpt_;
@@ -186,7 +184,6 @@ struct LoadScope {
 absl::Status LoadHead(const WeightReader& r, const ModelConfig& c, const LoadScope& scope,
                       const std::string& final_norm, internal::ModelWeights& w) {
   if (!scope.head) return absl::OkStatus();
-  w.head = true;
   ASSIGN_OR_RETURN(w.final_norm, LoadNorm(r, c, final_norm));
   if (c.tie_word_embeddings) {
     w.lm_head = w.embed;
@@ -358,7 +355,7 @@ absl::StatusOr<std::unique_ptr<CausalLM>> CausalLM::Load(const std::string& mode
     }
     // A tied head stays dense (shared with the embedding; a oneDNN copy would double the largest
     // matrix of the model for an output that harvesting never asks for).
-    if (weights->onednn && weights->lm_head.defined() && !config.tie_word_embeddings) {
+    if (weights->onednn && weights->has_head() && !config.tie_word_embeddings) {
       weights->lm_head_onednn = true;
       weights->lm_head = weights->lm_head.to_mkldnn();
     }
@@ -515,7 +512,7 @@ absl::StatusOr<ForwardResult> CausalLM::Forward(const at::Tensor& input_ids,
     return absl::InvalidArgumentError("forward request asks for no output");
   }
   const int64_t loaded = static_cast<int64_t>(weights_->layers.size());
-  if (last_block >= loaded || (needs_all && !weights_->head)) {
+  if (last_block >= loaded || (needs_all && !weights_->has_head())) {
     return absl::FailedPreconditionError(
         absl::StrCat(model_dir_, ": the request needs block ", last_block,
                      needs_all ? " and the final norm" : "",
