@@ -10,7 +10,7 @@
 //   die          the victim _exit(7)s after a barrier; the others run an AllReduce (with
 //                --pending: StartAllReduce, then Wait) and print "EXPECTED_ERROR <code>: <message>"
 //   hang         the victim sleeps (until --release-file exists) instead of joining the AllReduce;
-//                the others print EXPECTED_ERROR, then create the release file
+//                the others print EXPECTED_ERROR, then each append a line to the release file
 //   freeze       the victim writes its pid to --release-file and stops itself (SIGSTOP: no
 //                heartbeats either); the others print EXPECTED_ERROR, then SIGKILL it
 #include <ATen/ATen.h>
@@ -175,8 +175,8 @@ int main(int argc, char** argv) {
   crossdiff::CommandLine cl("comm_test_rank", "one rank of the communicator tests");
   std::string& scenario = cl.AddString("scenario", "", "what to run", true);
   int64_t& victim = cl.AddInt("victim", -1, "the rank that fails or hangs");
-  std::string& release_file =
-      cl.AddString("release-file", "", "hang: stop sleeping when it exists");
+  std::string& release_file = cl.AddString(
+      "release-file", "", "hang: stop sleeping once every other rank wrote a line to it");
   bool& pending = cl.AddBool("pending", "die/hang: the others' all-reduce is a started one");
   crossdiff::comm::LaunchFlags launch = crossdiff::comm::AddLaunchFlags(cl);
   if (int rc = cl.ParseOrExit(argc, argv); rc >= 0) return rc;
@@ -226,8 +226,16 @@ int main(int argc, char** argv) {
         raise(SIGSTOP);
         return 0;
       }
-      // hang: alive (heartbeats keep going) but never enters the collective.
-      for (int i = 0; i < 600 && !std::ifstream(release_file).good(); ++i) {
+      // hang: alive (heartbeats keep going) but never enters the collective, until every other
+      // rank has reported its error (one line each in the release file): released earlier, it
+      // would close its communicator while a slower peer is still diagnosing the timeout.
+      const auto released = [&] {
+        std::ifstream in(release_file);
+        int lines = 0;
+        for (std::string line; std::getline(in, line);) ++lines;
+        return lines >= comm.world_size() - 1;
+      };
+      for (int i = 0; i < 600 && !released(); ++i) {
         std::this_thread::sleep_for(std::chrono::milliseconds(100));
       }
       std::printf("RELEASED\n");
@@ -247,7 +255,7 @@ int main(int argc, char** argv) {
     }
     std::printf("EXPECTED_ERROR %s\n", s.ToString().c_str());
     std::fflush(stdout);
-    if (scenario == "hang") std::ofstream(release_file) << "done\n";
+    if (scenario == "hang") std::ofstream(release_file, std::ios::app) << "done\n";
     if (scenario == "freeze") {
       pid_t victim_pid = 0;
       std::ifstream(release_file) >> victim_pid;
