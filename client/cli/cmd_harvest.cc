@@ -1,4 +1,5 @@
 // `crossdiff harvest`: paired activation harvest into an activation store (DESIGN.md 3.1, 3.2).
+#include <ATen/ATen.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -61,13 +62,18 @@ int RunHarvest(int argc, char** argv) {
   auto& device = cl.AddString("device", "cpu", "cpu | cuda | cuda:N");
   auto& threads = cl.AddInt("threads", 0, "LibTorch threads (0 = default)");
   auto& quiet = cl.AddBool("quiet", "no progress line");
-  auto& sequence_begin = cl.AddInt("sequence-begin", 0,
-                                   "with --sequence-end: first sequence of the part to harvest");
+  auto& sequence_begin =
+      cl.AddInt("sequence-begin", 0, "with --sequence-end: first sequence of the part to harvest");
   auto& sequence_end = cl.AddInt("sequence-end", -1,
                                  "harvest only sequences [begin, end) into a store of their own "
                                  "(joined by crossdiff merge-stores); -1: all");
-  // Sharded harvest: --nproc N (local ranks) or --rank/--world-size/--rendezvous. Rank r harvests
-  // its part of the sequences; after a barrier rank 0 merges the part manifests into one store.
+  auto& fixed_ranges =
+      cl.AddBool("fixed-ranges",
+                 "with several ranks: rank r harvests the r-th of W equal ranges instead of "
+                 "claiming chunks of the data as it goes");
+  // Sharded harvest: --nproc N (local ranks) or --rank/--world-size/--rendezvous. Ranks claim
+  // chunks of the sequences from a counter in the rendezvous store (or take fixed ranges); after a
+  // barrier rank 0 merges the part manifests into one store.
   // The barrier waits for the slowest rank, hence the long default timeout (a rank that dies is
   // noticed at once: its connections close).
   comm::LaunchFlags launch = comm::AddLaunchFlags(cl, /*default_timeout_s=*/7 * 24 * 3600.0);
@@ -105,6 +111,14 @@ int RunHarvest(int argc, char** argv) {
   o.sequence_end = sequence_end;
   o.rank = rank;
   o.world_size = world_size;
+  if (world_size > 1 && !fixed_ranges) {
+    comm::Communicator* c = comm->get();
+    o.claim_chunk = [c]() -> absl::StatusOr<int64_t> {
+      absl::StatusOr<int64_t> claimed = c->AddToCounter("harvest/next_chunk", 1);
+      if (!claimed.ok()) return claimed.status();
+      return *claimed - 1;
+    };
+  }
 
   auto result =
       harvest::RunHarvest(o, quiet || rank != 0 ? ProgressMeter::Callback() : PrintProgress);
@@ -113,9 +127,15 @@ int RunHarvest(int argc, char** argv) {
     return 1;
   }
   if (world_size > 1) {
-    // Rank 0's loop plus its wait for the slowest rank: the span every rank's rows took.
+    // Every rank's rows, loop seconds and chunks; gathering them is also the barrier after which
+    // every part manifest is written. Its wait is rank 0's wait for the slowest rank, so rank 0's
+    // loop plus this gather is the span every rank's rows took.
     const auto barrier_start = std::chrono::steady_clock::now();
-    if (absl::Status st = (*comm)->Barrier(); !st.ok()) {
+    at::Tensor mine = at::tensor({static_cast<double>(result->rows), result->seconds,
+                                  static_cast<double>(result->chunks.size())},
+                                 at::kDouble);
+    at::Tensor all = at::empty({3 * world_size}, at::kDouble);
+    if (absl::Status st = (*comm)->AllGather(mine, all); !st.ok()) {
       std::fprintf(stderr, "error: waiting for the other ranks: %s\n",
                    std::string(st.message()).c_str());
       return 1;
@@ -129,6 +149,12 @@ int RunHarvest(int argc, char** argv) {
     const double span =
         result->seconds +
         std::chrono::duration<double>(std::chrono::steady_clock::now() - barrier_start).count();
+    const double* per_rank = all.data_ptr<double>();
+    for (int r = 0; r < world_size; ++r) {
+      const double rows = per_rank[3 * r], seconds = per_rank[3 * r + 1];
+      std::printf("rank %d: %.0f rows in %.1f s (%.0f rows/s), %.0f chunks\n", r, rows, seconds,
+                  seconds > 0 ? rows / seconds : 0.0, per_rank[3 * r + 2]);
+    }
     std::printf(
         "wrote %lld rows (layer %d, d_model %lld, %s) in %zu shards from %d ranks to %s: "
         "%.0f tokens/s over all ranks (rank 0 %.0f tokens/s)\n",

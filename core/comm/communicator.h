@@ -62,6 +62,13 @@ class Communicator {
   virtual absl::Status Broadcast(at::Tensor& t, int root) = 0;
   virtual absl::Status Barrier() = 0;
 
+  // Atomically adds `delta` to the integer counter `name` shared by every rank of this
+  // communicator (0 until first added to) and returns its new value. Not a collective: ranks call
+  // it independently and in any order, e.g. to claim the next piece of work (the sharded
+  // harvest's chunks). Bounded by the timeout; UNAVAILABLE naming the rank when the store that
+  // holds the counters (rank 0's rendezvous store) cannot be reached.
+  virtual absl::StatusOr<int64_t> AddToCounter(const std::string& name, int64_t delta) = 0;
+
   // Bytes this rank has sent into collectives so far (for the benchmarks' per-step figures).
   virtual int64_t bytes_communicated() const = 0;
   // Wall seconds this rank has spent blocked in collectives so far (transfer plus waiting for

@@ -55,6 +55,9 @@ class GlooCommunicator final : public Communicator {
     rendezvous_.reset();
   }
 
+  absl::StatusOr<int64_t> AddToCounter(const std::string& name, int64_t delta) override {
+    return rendezvous_->AddToCounter(name, delta);
+  }
   int rank() const override { return rendezvous_->options().rank; }
   int world_size() const override { return rendezvous_->options().world_size; }
   std::string backend() const override { return "gloo"; }

@@ -1,5 +1,7 @@
 // World size 1: every collective is the identity (after the same argument checks as the real
 // backends, so single-process runs catch the mistakes a distributed run would).
+#include <map>
+#include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -37,6 +39,9 @@ class LocalCommunicator final : public Communicator {
     return Check("Broadcast", t);
   }
   absl::Status Barrier() override { return absl::OkStatus(); }
+  absl::StatusOr<int64_t> AddToCounter(const std::string& name, int64_t delta) override {
+    return counters_[name] += delta;
+  }
 
  private:
   static absl::Status Check(const char* what, const at::Tensor& t) {
@@ -49,6 +54,7 @@ class LocalCommunicator final : public Communicator {
     }
     return absl::OkStatus();
   }
+  std::map<std::string, int64_t> counters_;
 };
 
 }  // namespace

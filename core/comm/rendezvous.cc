@@ -192,6 +192,16 @@ absl::Status Rendezvous::Connect() {
   return absl::OkStatus();
 }
 
+absl::StatusOr<int64_t> Rendezvous::AddToCounter(const std::string& name, int64_t delta) {
+  try {
+    return stores_->main->add(absl::StrCat("crossdiff/counter/", name), delta);
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(absl::StrCat(
+        "rank ", options_.rank, ": counter \"", name, "\": the rendezvous store (rank 0) at ",
+        options_.host, ":", bound_port_, " is unreachable: ", ErrorText(e)));
+  }
+}
+
 absl::Status Rendezvous::WaitForAllRanks() {
   const RendezvousOptions& o = options_;
   const std::string me = absl::StrCat("rank ", o.rank, ": ");

@@ -54,6 +54,10 @@ class Rendezvous {
   const RendezvousOptions& options() const { return options_; }
   int bound_port() const { return bound_port_; }
 
+  // Communicator::AddToCounter: adds `delta` to the store key "crossdiff/counter/<name>" (atomic
+  // in the store) and returns the new value. UNAVAILABLE "rank R: ..." when the store is gone.
+  absl::StatusOr<int64_t> AddToCounter(const std::string& name, int64_t delta);
+
   // Records that this rank is entering collective number `seq` (1, 2, ...): published with the
   // next heartbeat.
   void EnterCollective(int64_t seq) { seq_.store(seq); }

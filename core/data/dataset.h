@@ -78,6 +78,11 @@ class SequenceReader {
   // false after the last. Errors name the file (and JSONL line). A dataset without any token gives
   // INVALID_ARGUMENT "... is empty ...", whatever the range.
   virtual absl::StatusOr<bool> Next(TokenSequence* out) = 0;
+  // Moves forward so that Next returns `sequence_id` next (or the first sequence after it in the
+  // range, or false at the end); the sequences skipped are treated as those before the opened
+  // range are. Lazy: the skipping happens in the next Next call. A target at or behind the
+  // reader's position changes nothing.
+  virtual void SkipTo(int64_t sequence_id) = 0;
 };
 
 // Opens a reader over the sequences whose index lies in `range`. Sequences before the range are
@@ -90,8 +95,8 @@ absl::StatusOr<std::unique_ptr<SequenceReader>> OpenSequenceReader(const Dataset
 // the file's row length, capped by options.seq_len when that is > 0.
 absl::StatusOr<int64_t> EffectiveSequenceLength(const DatasetOptions& options);
 
-// Number of sequences in the dataset, at most `limit` (a tokenising pass for text/chat that stops at
-// the limit; the header for tokens). INVALID_ARGUMENT when the dataset is empty.
+// Number of sequences in the dataset, at most `limit` (a tokenising pass for text/chat that stops
+// at the limit; the header for tokens). INVALID_ARGUMENT when the dataset is empty.
 absl::StatusOr<int64_t> CountSequences(const DatasetOptions& options, const TextEncoder& encoder,
                                        int64_t limit = kUnboundedSequences);
 

@@ -19,6 +19,7 @@ class PackedReader : public SequenceReader {
         encoder_(encoder),
         skip_first_(options.skip_first),
         range_(range),
+        first_returned_(range.begin),
         stream_per_sequence_(options.seq_len - (encoder.bos_id ? 1 : 0)) {}
 
   absl::StatusOr<bool> Next(TokenSequence* out) override {
@@ -30,7 +31,7 @@ class PackedReader : public SequenceReader {
       const int64_t index = next_index_++;
       const int32_t* first = buffer_.data() + head_;
       head_ += take;
-      if (index < range_.begin) continue;  // before this rank's part: tokenised, not returned
+      if (index < first_returned_) continue;  // before the range or skipped: tokenised only
 
       out->sequence_id = index;
       out->token_ids.clear();
@@ -43,6 +44,10 @@ class PackedReader : public SequenceReader {
       return true;
     }
     return false;
+  }
+
+  void SkipTo(int64_t sequence_id) override {
+    first_returned_ = std::max(first_returned_, sequence_id);
   }
 
  private:
@@ -80,6 +85,7 @@ class PackedReader : public SequenceReader {
   TextEncoder encoder_;
   const int64_t skip_first_;
   const SequenceRange range_;
+  int64_t first_returned_;             // sequences before it are packed but not returned
   const int64_t stream_per_sequence_;  // stream tokens per sequence (seq_len minus the BOS slot)
   std::vector<int32_t> buffer_;        // stream tokens not yet in a sequence, from head_
   size_t head_ = 0;

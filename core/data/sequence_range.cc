@@ -1,5 +1,7 @@
 #include "core/data/sequence_range.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 
 namespace crossdiff::data {
@@ -18,6 +20,26 @@ absl::StatusOr<SequenceRange> RankRange(int64_t total, int rank, int world_size)
     return static_cast<int64_t>(static_cast<__int128>(total) * r / world_size);
   };
   return SequenceRange{split(rank), split(rank + 1)};
+}
+
+absl::StatusOr<std::vector<SequenceRange>> GuidedChunks(int64_t total, int world_size,
+                                                        int64_t batch) {
+  if (total < 0) return absl::InvalidArgumentError("negative sequence count");
+  if (world_size < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("world size must be >= 1, got ", world_size));
+  }
+  if (batch < 1) return absl::InvalidArgumentError(absl::StrCat("batch must be >= 1, got ", batch));
+  const int64_t smallest = (batch + 1) / 2;
+  std::vector<SequenceRange> chunks;
+  for (int64_t begin = 0; begin < total;) {
+    const int64_t remaining = total - begin;
+    int64_t size = (remaining + 2 * world_size - 1) / (2 * world_size);
+    if (size >= batch) size = (size + batch - 1) / batch * batch;
+    size = std::min(std::max(size, smallest), remaining);
+    chunks.push_back({begin, begin + size});
+    begin += size;
+  }
+  return chunks;
 }
 
 absl::StatusOr<int64_t> SequencesForTokenBudget(int64_t max_tokens, int64_t seq_len,

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "absl/status/statusor.h"
 
@@ -25,6 +26,16 @@ struct SequenceRange {
 // The part of [0, total) that rank `rank` of `world_size` harvests: [total*r/W, total*(r+1)/W).
 // INVALID_ARGUMENT when world_size < 1, rank outside [0, world_size) or total < 0.
 absl::StatusOr<SequenceRange> RankRange(int64_t total, int rank, int world_size);
+
+// The chunks of [0, total) that ranks claim one at a time when they harvest as fast as each can
+// (guided scheduling): chunk i has size ceil(remaining / (2 * world_size)), rounded up to whole
+// batches of `batch` sequences while that is at least one batch (so that the batches are those of
+// a single process), never smaller than half a batch, never past the end. Large chunks first keep
+// claims rare; small ones last let a faster rank take the tail instead of waiting for a slower
+// one. Depends only on (total, world_size, batch); the chunks tile [0, total) in order.
+// INVALID_ARGUMENT when total < 0, world_size < 1 or batch < 1.
+absl::StatusOr<std::vector<SequenceRange>> GuidedChunks(int64_t total, int world_size,
+                                                        int64_t batch);
 
 // How many sequences a token budget covers: ceil(max_tokens / stored_per_sequence), where
 // stored_per_sequence = seq_len - skip_first (the rows a full sequence contributes). Whole

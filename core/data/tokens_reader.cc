@@ -138,6 +138,8 @@ class TokensReader : public SequenceReader {
     return true;
   }
 
+  void SkipTo(int64_t sequence_id) override { next_row_ = std::max(next_row_, sequence_id); }
+
  private:
   TokensFile tf_;
   const int64_t skip_first_;

@@ -15,14 +15,21 @@
 // sequence -> append to a StoreWriter (memory bounded by one shard; shards written atomically).
 // manifest.json is written last, so an interrupted or failed harvest never reads as complete.
 //
-// Sharded harvest (several ranks filling one store, DESIGN.md 5): with world_size W > 1, rank r
-// harvests the sequence range RankRange(total, r, W) (core/data/sequence_range.h), where total is
-// the number of sequences a single process would harvest. Its shards are named
-// `shard-rRRRRR-NNNNNN.safetensors` and instead of manifest.json it writes a part manifest,
-// PartManifestPath(out_dir, r, W) (same format as manifest.json, shard names relative to out_dir).
-// Once every rank has finished (the caller's barrier), one process calls MergeHarvestParts, which
-// writes out_dir/manifest.json listing rank 0's shards, then rank 1's, ...: the store then holds,
-// row for row, what a single-process harvest writes (only the shard boundaries differ).
+// Sharded harvest (several ranks filling one store, DESIGN.md 5, docs/datasets.md "Sharding"):
+// with world_size W > 1 the ranks split the sequences a single process would harvest (`total`)
+// into chunks that tile [0, total) in order, and each chunk's rows go to shards of their own:
+//   - claiming (`claim_chunk` set, what `crossdiff harvest` does): the chunks are
+//     GuidedChunks(total, W, batch_size) (core/data/sequence_range.h); each rank asks claim_chunk
+//     for the next unclaimed chunk until none is left, so a faster rank takes more of them.
+//     Chunk c's shards are `shard-cCCCCCC-NNNNNN.safetensors`.
+//   - fixed (`claim_chunk` empty): chunk r = RankRange(total, r, W) is rank r's; its shards are
+//     `shard-rRRRRR-NNNNNN.safetensors`.
+// Instead of manifest.json a rank writes a part manifest, PartManifestPath(out_dir, r, W) (same
+// format as manifest.json, shard names relative to out_dir, `extra.chunks` listing the chunks it
+// took). Once every rank has finished (the caller's barrier), one process calls
+// MergeHarvestParts, which checks that every chunk was harvested exactly once and writes
+// out_dir/manifest.json listing the shards in chunk order: the store then holds, row for row,
+// what a single-process harvest writes (only the shard boundaries differ).
 //
 // Thread-safety: RunHarvest may run concurrently on different out_dirs, but it sets LibTorch's
 // global intra-op thread count when `threads` > 0.
@@ -30,7 +37,9 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "core/activations/manifest.h"
@@ -56,6 +65,10 @@ struct HarvestOptions {
   int threads = 0;             // LibTorch intra-op threads; 0 = leave as is
   int rank = 0;
   int world_size = 1;
+  // world_size > 1: returns the index of the next chunk this rank harvests, from one counter that
+  // all ranks share (0, 1, 2, ... across the ranks together, each index to one caller; an index
+  // past the last chunk means none is left). Empty: fixed ranges. Called from RunHarvest's thread.
+  std::function<absl::StatusOr<int64_t>()> claim_chunk;
   // An explicit part of the dataset's sequences, [sequence_begin, sequence_end), harvested into a
   // store of its own (the coordinator's harvest tasks; their stores are joined by
   // `crossdiff merge-stores`). sequence_end < 0: not used. Exclusive with world_size > 1.
@@ -68,16 +81,23 @@ struct HarvestOptions {
   const std::atomic<bool>* cancel = nullptr;
 };
 
+// A chunk of the dataset's sequences that this process harvested.
+struct HarvestedChunk {
+  int64_t index = 0;           // in the chunk schedule
+  int64_t first_sequence = 0;  // [first_sequence, end_sequence)
+  int64_t end_sequence = 0;
+  int64_t shards = 0;  // its shards, consecutive in the process's manifest
+};
+
 struct HarvestResult {
   // world_size 1: the store's manifest. Otherwise this rank's part manifest.
   activations::Manifest manifest;
-  int64_t rows = 0;            // activation rows written by this process
-  int64_t sequences = 0;       // sequences run through both models
-  int64_t tokens_run = 0;      // non-padding tokens fed to each model (stored or skipped)
-  int64_t first_sequence = 0;  // [first_sequence, end_sequence): this rank's part of the dataset
-  int64_t end_sequence = 0;
-  double seconds = 0;          // wall time of the harvest loop (after loading)
-  double rows_per_second = 0;  // rows / seconds
+  int64_t rows = 0;                    // activation rows written by this process
+  int64_t sequences = 0;               // sequences run through both models
+  int64_t tokens_run = 0;              // non-padding tokens fed to each model (stored or skipped)
+  std::vector<HarvestedChunk> chunks;  // in the order harvested (increasing index)
+  double seconds = 0;                  // wall time of the harvest loop (after loading)
+  double rows_per_second = 0;          // rows / seconds
 };
 
 // Runs the harvest described above. Errors (each one line naming the input):
@@ -96,10 +116,14 @@ absl::StatusOr<HarvestResult> RunHarvest(const HarvestOptions& options,
 std::string PartManifestPath(const std::string& out_dir, int rank, int world_size);
 // The shard file prefix rank `rank` uses when world_size > 1 ("shard-rRRRRR-"); "shard-" otherwise.
 std::string ShardPrefix(int rank, int world_size);
+// The shard file prefix of chunk `chunk` of a claiming harvest ("shard-cCCCCCC-").
+std::string ChunkShardPrefix(int64_t chunk);
 
-// Combines the part manifests of ranks 0..world_size-1 into OUT/manifest.json and returns it.
-// NOT_FOUND naming the rank when a part is missing (that rank has not finished); INVALID_ARGUMENT
-// when parts disagree (models, layer, d_model, dtype) or a listed shard file is missing;
+// Combines the part manifests of ranks 0..world_size-1 into OUT/manifest.json, shards in chunk
+// order, and returns it. NOT_FOUND naming the rank when a part is missing (that rank has not
+// finished); INVALID_ARGUMENT when parts disagree (models, layer, d_model, dtype, chunk count), a
+// chunk is in no part or in two, a part's chunk list does not match its shards, or a listed shard
+// file is missing;
 // FAILED_PRECONDITION when OUT/manifest.json already exists. The part manifests are kept (they
 // record each rank's sequence range); the store's readers ignore them.
 absl::StatusOr<activations::Manifest> MergeHarvestParts(const std::string& out_dir, int world_size);

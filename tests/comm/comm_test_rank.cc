@@ -155,6 +155,28 @@ std::string CheckCollectives(Communicator& comm) {
     expect("StartAllReduce bf16", p.ok() ? (*p)->Wait() : p.status(), half,
            (at::arange(5, at::kLong) * w + rank_sum).to(at::kBFloat16));
   }
+  // The shared counter: every rank adds 1 five times, interleaved with the others; every value
+  // 1..5w is handed out exactly once, and once all have added (the gather) everyone reads 5w.
+  {
+    at::Tensor mine = at::zeros({5}, at::kLong);
+    for (int i = 0; i < 5; ++i) {
+      absl::StatusOr<int64_t> v = comm.AddToCounter("test/claims", 1);
+      if (!v.ok()) {
+        problems += "AddToCounter: " + v.status().ToString() + "; ";
+        break;
+      }
+      mine[i] = *v;
+    }
+    at::Tensor all = at::zeros({5 * w}, at::kLong);
+    absl::Status gathered = comm.AllGather(mine, all);  // also: every rank has added
+    expect("AddToCounter values", gathered, std::get<0>(all.sort()),
+           at::arange(1, 5 * w + 1, at::kLong));
+    absl::StatusOr<int64_t> total = comm.AddToCounter("test/claims", 0);
+    if (!total.ok() || *total != 5 * w) {
+      problems += "AddToCounter after the barrier: " +
+                  (total.ok() ? std::to_string(*total) : total.status().ToString()) + "; ";
+    }
+  }
   // Wrong shapes are rejected before any communication, naming the rank.
   at::Tensor bad_out = at::zeros({w * 3 + 1});
   absl::Status bad = comm.AllGather(at::zeros({3}), bad_out);

@@ -82,6 +82,9 @@ class ThreadCommunicator : public comm::Communicator {
     return absl::OkStatus();
   }
   int64_t bytes_communicated() const override { return 0; }
+  absl::StatusOr<int64_t> AddToCounter(const std::string&, int64_t) override {
+    return absl::UnimplementedError("not used");
+  }
 
  private:
   ThreadGroup* g_;

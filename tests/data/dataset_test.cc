@@ -267,16 +267,21 @@ TEST(DatasetTest, RankRangesTileTheDataset) {
   EXPECT_EQ(SequencesForTokenBudget(10, 8, 8).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
-TEST(DatasetTest, ShardedReadsConcatenateToTheSingleProcessSequences) {
-  std::mt19937 rng(7);
+// A text dataset of `documents` random lower-case documents of 1..max_length letters.
+std::string WriteRandomText(const std::string& name, int documents, int max_length, int seed) {
+  std::mt19937 rng(seed);
   std::string jsonl;
-  for (int d = 0; d < 40; ++d) {
-    std::string text(1 + rng() % 37, 'a');
+  for (int d = 0; d < documents; ++d) {
+    std::string text(1 + rng() % max_length, 'a');
     for (char& c : text) c = static_cast<char>('a' + rng() % 26);
     jsonl += "{\"text\": \"" + text + "\"}\n";
   }
+  return WriteFile(name, jsonl);
+}
+
+TEST(DatasetTest, ShardedReadsConcatenateToTheSingleProcessSequences) {
   DatasetOptions o;
-  o.path = WriteFile("shard.jsonl", jsonl);
+  o.path = WriteRandomText("shard.jsonl", 40, 37, 7);
   o.seq_len = 16;
   o.skip_first = 1;
   auto single = ReadAll(o, ByteEncoder());
@@ -299,6 +304,82 @@ TEST(DatasetTest, ShardedReadsConcatenateToTheSingleProcessSequences) {
       EXPECT_EQ(joined[i].token_ids, single[i].token_ids);
       EXPECT_EQ(joined[i].stored, single[i].stored);
     }
+  }
+}
+
+TEST(DatasetTest, GuidedChunksTileTheDatasetLargestFirst) {
+  // 256 sequences, 2 ranks, batches of 8: a quarter first, then shrinking; whole batches while a
+  // chunk is at least one batch, never below half a batch except for the remainder at the end.
+  auto chunks = GuidedChunks(256, 2, 8);
+  ASSERT_TRUE(chunks.ok()) << chunks.status();
+  std::vector<int64_t> sizes;
+  for (const SequenceRange& c : *chunks) sizes.push_back(c.size());
+  EXPECT_THAT(sizes, ElementsAre(64, 48, 40, 32, 24, 16, 8, 6, 5, 4, 4, 4, 1));
+  for (int64_t total : {0, 1, 7, 100, 12345}) {
+    for (int world : {1, 2, 3, 8}) {
+      for (int64_t batch : {1, 3, 8}) {
+        auto c = GuidedChunks(total, world, batch);
+        ASSERT_TRUE(c.ok()) << c.status();
+        int64_t next = 0;
+        for (size_t i = 0; i < c->size(); ++i) {
+          const SequenceRange& r = (*c)[i];
+          EXPECT_EQ(r.begin, next) << total << "/" << world << "/" << batch;
+          EXPECT_GT(r.size(), 0);
+          if (i + 1 < c->size()) {
+            EXPECT_GE(r.size(), (batch + 1) / 2);
+          }
+          if (i > 0) {
+            EXPECT_LE(r.size(), (*c)[i - 1].size());
+          }
+          next = r.end;
+        }
+        EXPECT_EQ(next, total);
+      }
+    }
+  }
+  EXPECT_EQ(GuidedChunks(-1, 2, 8).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(GuidedChunks(10, 0, 8).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(GuidedChunks(10, 2, 0).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// A claiming rank opens one reader over everything and skips to each chunk it takes: what it
+// reads for a chunk is what a single process reads at those positions, for text and tokens.
+TEST(DatasetTest, SkipToReadsTheChunksARankTakes) {
+  DatasetOptions text;
+  text.path = WriteRandomText("skip.jsonl", 30, 29, 11);
+  text.seq_len = 8;
+  text.skip_first = 1;
+  std::vector<int64_t> ids(40 * 3);
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int64_t>(i % 97);
+  DatasetOptions tokens;
+  tokens.path = WriteTokens("skip.safetensors", ids, 40, 3);
+  tokens.format = DataFormat::kTokens;
+  for (const DatasetOptions& o : {text, tokens}) {
+    const TextEncoder encoder = o.format == DataFormat::kTokens ? TextEncoder{} : ByteEncoder();
+    auto single = ReadAll(o, encoder);
+    const int64_t total = static_cast<int64_t>(single.size());
+    ASSERT_GT(total, 12);
+    auto chunks = GuidedChunks(total, 2, 2);
+    ASSERT_TRUE(chunks.ok());
+    auto reader = OpenSequenceReader(o, encoder, SequenceRange{0, total});
+    ASSERT_TRUE(reader.ok()) << reader.status();
+    TokenSequence s;
+    (*reader)->SkipTo(0);                             // at the reader's position: no effect
+    for (size_t c = 1; c < chunks->size(); c += 2) {  // every other chunk, as one rank might
+      (*reader)->SkipTo((*chunks)[c].begin);
+      for (int64_t i = (*chunks)[c].begin; i < (*chunks)[c].end; ++i) {
+        auto more = (*reader)->Next(&s);
+        ASSERT_TRUE(more.ok() && *more) << more.status();
+        EXPECT_EQ(s.sequence_id, i);
+        EXPECT_EQ(s.token_ids, single[i].token_ids);
+        EXPECT_EQ(s.stored, single[i].stored);
+      }
+      (*reader)->SkipTo((*chunks)[c].begin);  // behind the reader: no effect
+    }
+    (*reader)->SkipTo(total + 5);
+    auto more = (*reader)->Next(&s);
+    ASSERT_TRUE(more.ok());
+    EXPECT_FALSE(*more);
   }
 }
 

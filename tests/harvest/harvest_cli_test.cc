@@ -8,11 +8,13 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 
 #include "core/activations/manifest.h"
 #include "core/activations/store.h"
+#include "core/harvest/harvest.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/harvest/model_dirs.h"
@@ -92,26 +94,49 @@ TEST_F(HarvestCliTest, BadInputIsOneLineAndNonZeroExit) {
   EXPECT_THAT(r.err, HasSubstr("finetune"));
 }
 
+// Two local ranks, claiming chunks from the rendezvous store (the default) or with fixed halves:
+// either way the store holds the single process's rows in its order.
 TEST_F(HarvestCliTest, NprocTwoWritesTheSingleProcessStore) {
   ProcessResult one = Harvest(Args("--layer 1 --out " + dir_ + "/one --quiet --threads 1"), dir_);
   ASSERT_EQ(one.exit_code, 0) << one.err;
-  ProcessResult two = Harvest(
-      Args("--layer 1 --out " + dir_ + "/two --nproc 2 --rows-per-shard 16 --threads 1"), dir_);
-  ASSERT_EQ(two.exit_code, 0) << two.err;
-  EXPECT_THAT(two.out, HasSubstr("from 2 ranks"));
-  EXPECT_THAT(two.out, HasSubstr("tokens/s over all ranks (rank 0 "));
   auto a = activations::StoreReader::Open(dir_ + "/one");
-  auto b = activations::StoreReader::Open(dir_ + "/two");
-  ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
+  ASSERT_TRUE(a.ok()) << a.status();
   ASSERT_EQ((*a)->manifest().rows, 64);
-  ASSERT_EQ((*b)->manifest().rows, 64);
   auto ra = (*a)->ReadRows(0, 64);
-  auto rb = (*b)->ReadRows(0, 64);
-  ASSERT_TRUE(ra.ok() && rb.ok());
-  EXPECT_TRUE(at::equal(ra->token_ids, rb->token_ids));
-  EXPECT_TRUE(at::equal(ra->sequence_ids, rb->sequence_ids));
-  EXPECT_TRUE(at::equal(ra->positions, rb->positions));
-  EXPECT_TRUE(at::allclose(ra->activations, rb->activations, 0, 1e-5));
+  ASSERT_TRUE(ra.ok());
+  for (const std::string flags : {"", " --fixed-ranges"}) {
+    SCOPED_TRACE(flags);
+    const std::string out = dir_ + (flags.empty() ? "/claimed" : "/fixed");
+    ProcessResult two =
+        Harvest(Args("--layer 1 --out " + out +
+                     " --nproc 2 --batch 1 --rows-per-shard 16 --threads 1" + flags),
+                dir_);
+    ASSERT_EQ(two.exit_code, 0) << two.err;
+    EXPECT_THAT(two.out, HasSubstr("from 2 ranks"));
+    EXPECT_THAT(two.out, HasSubstr("tokens/s over all ranks (rank 0 "));
+    auto b = activations::StoreReader::Open(out);
+    ASSERT_TRUE(b.ok()) << b.status();
+    ASSERT_EQ((*b)->manifest().rows, 64);
+    auto rb = (*b)->ReadRows(0, 64);
+    ASSERT_TRUE(rb.ok());
+    EXPECT_TRUE(at::equal(ra->token_ids, rb->token_ids));
+    EXPECT_TRUE(at::equal(ra->sequence_ids, rb->sequence_ids));
+    EXPECT_TRUE(at::equal(ra->positions, rb->positions));
+    EXPECT_TRUE(at::allclose(ra->activations, rb->activations, 0, 1e-5));
+    // The parts say which chunks each rank took: all of them, once, between the two ranks.
+    int64_t taken = 0, count = -1;
+    for (int rank = 0; rank < 2; ++rank) {
+      auto part = activations::Manifest::LoadFile(PartManifestPath(out, rank, 2));
+      ASSERT_TRUE(part.ok()) << part.status();
+      auto extra = nlohmann::json::parse(part->extra_json);
+      taken += static_cast<int64_t>(extra["chunks"].size());
+      count = extra["chunk_count"].get<int64_t>();
+    }
+    EXPECT_EQ(taken, count);
+    EXPECT_EQ(count, flags.empty() ? 4 : 2);  // 4 sequences in batches of 1: chunks of 1
+    EXPECT_THAT((*b)->manifest().shards[0].file,
+                HasSubstr(flags.empty() ? ChunkShardPrefix(0) : ShardPrefix(0, 2)));
+  }
 }
 
 }  // namespace

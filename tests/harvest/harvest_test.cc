@@ -10,7 +10,9 @@
 #include <nlohmann/json.hpp>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "core/activations/store.h"
+#include "core/data/sequence_range.h"
 #include "core/models/causal_lm.h"
 #include "core/tokenizer/tokenizer.h"
 #include "gmock/gmock.h"
@@ -403,17 +405,36 @@ TEST_F(HarvestTest, RefusesToOverwriteACompleteStore) {
   EXPECT_EQ(again.status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
-TEST_F(HarvestTest, TwoRanksThenMergeEqualOneProcessRowForRow) {
+HarvestOptions ShardedTextOptions(const std::string& text, const std::string& out) {
   HarvestOptions o;
   o.base_dir = dirs->base_tok;
   o.finetune_dir = dirs->finetune_tok;
-  o.data_path = TextDataset();
+  o.data_path = text;
   o.layer = 1;
   o.seq_len = 10;
   o.skip_first = 1;
   o.batch_size = 2;
   o.rows_per_shard = 8;
-  o.out_dir = Out("single");
+  o.out_dir = out;
+  return o;
+}
+
+void ExpectSameRows(const std::string& single_dir, const std::string& sharded_dir) {
+  auto a = activations::StoreReader::Open(single_dir);
+  auto b = activations::StoreReader::Open(sharded_dir);
+  ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
+  ASSERT_EQ((*a)->rows(), (*b)->rows());
+  auto ra = (*a)->ReadRows(0, (*a)->rows());
+  auto rb = (*b)->ReadRows(0, (*b)->rows());
+  ASSERT_TRUE(ra.ok() && rb.ok());
+  EXPECT_TRUE(at::equal(ra->token_ids, rb->token_ids));
+  EXPECT_TRUE(at::equal(ra->sequence_ids, rb->sequence_ids));
+  EXPECT_TRUE(at::equal(ra->positions, rb->positions));
+  EXPECT_TRUE(at::allclose(ra->activations, rb->activations, 0, 1e-5));
+}
+
+TEST_F(HarvestTest, TwoRanksThenMergeEqualOneProcessRowForRow) {
+  HarvestOptions o = ShardedTextOptions(TextDataset(), Out("single"));
   auto single = RunHarvest(o, nullptr);
   ASSERT_TRUE(single.ok()) << single.status();
 
@@ -425,6 +446,8 @@ TEST_F(HarvestTest, TwoRanksThenMergeEqualOneProcessRowForRow) {
     auto part = RunHarvest(o, nullptr);
     ASSERT_TRUE(part.ok()) << part.status();
     EXPECT_FALSE(fs::exists(o.out_dir + "/manifest.json"));  // a part is never a complete store
+    ASSERT_EQ(part->chunks.size(), 1u);                      // fixed ranges: chunk r is rank r's
+    EXPECT_EQ(part->chunks[0].index, rank);
     rank_rows += part->rows;
     if (rank == 0) {
       auto early = MergeHarvestParts(o.out_dir, 2);
@@ -439,18 +462,71 @@ TEST_F(HarvestTest, TwoRanksThenMergeEqualOneProcessRowForRow) {
   auto extra = nlohmann::json::parse(merged->extra_json);
   EXPECT_EQ(extra["world_size"], 2);
   EXPECT_EQ(extra["sequences"], single->sequences);
-
-  auto a = activations::StoreReader::Open(Out("single"));
-  auto b = activations::StoreReader::Open(o.out_dir);
-  ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
-  auto ra = (*a)->ReadRows(0, single->rows);
-  auto rb = (*b)->ReadRows(0, single->rows);
-  ASSERT_TRUE(ra.ok() && rb.ok());
-  EXPECT_TRUE(at::equal(ra->token_ids, rb->token_ids));
-  EXPECT_TRUE(at::equal(ra->sequence_ids, rb->sequence_ids));
-  EXPECT_TRUE(at::equal(ra->positions, rb->positions));
-  EXPECT_TRUE(at::allclose(ra->activations, rb->activations, 0, 1e-5));
+  ExpectSameRows(Out("single"), o.out_dir);
   EXPECT_EQ(MergeHarvestParts(o.out_dir, 2).status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+// Claiming ranks: each takes the chunks its claim function hands out (here a fixed interleaving,
+// as two ranks of different speeds might get them); the merge puts them back in chunk order.
+TEST_F(HarvestTest, ClaimedChunksMergeInChunkOrderToTheSingleProcessStore) {
+  const std::string text = TextDataset();
+  HarvestOptions o = ShardedTextOptions(text, Out("claim_single"));
+  auto single = RunHarvest(o, nullptr);
+  ASSERT_TRUE(single.ok()) << single.status();
+  auto schedule = data::GuidedChunks(single->sequences, 2, o.batch_size);
+  ASSERT_TRUE(schedule.ok());
+  const int64_t n = static_cast<int64_t>(schedule->size());
+  ASSERT_GE(n, 4) << "the dataset is too small to interleave chunks";
+
+  // Runs both ranks into `out`, rank r claiming the chunks in takes[r] (then "none left").
+  auto run = [&](const std::string& out,
+                 const std::vector<std::vector<int64_t>>& takes) -> absl::Status {
+    HarvestOptions r = ShardedTextOptions(text, out);
+    r.world_size = 2;
+    for (int rank = 0; rank < 2; ++rank) {
+      r.rank = rank;
+      size_t next = 0;
+      const std::vector<int64_t>& mine = takes[rank];
+      r.claim_chunk = [&mine, &next, n]() -> absl::StatusOr<int64_t> {
+        return next < mine.size() ? mine[next++] : n;
+      };
+      auto part = RunHarvest(r, nullptr);
+      if (!part.ok()) return part.status();
+      if (part->chunks.size() != mine.size()) return absl::InternalError("chunks taken");
+    }
+    return MergeHarvestParts(out, 2).status();
+  };
+  std::vector<std::vector<int64_t>> takes(2);
+  for (int64_t c = 0; c < n; ++c) takes[c % 3 == 1 ? 0 : 1].push_back(c);  // rank 1 takes most
+  ASSERT_OK(run(Out("claimed"), takes));
+  ExpectSameRows(Out("claim_single"), Out("claimed"));
+  auto part0 = activations::Manifest::LoadFile(PartManifestPath(Out("claimed"), 0, 2));
+  ASSERT_TRUE(part0.ok()) << part0.status();
+  auto extra0 = nlohmann::json::parse(part0->extra_json);
+  EXPECT_EQ(extra0["chunk_count"], n);
+  EXPECT_EQ(extra0["chunks"][0]["index"], 1);
+  EXPECT_EQ(extra0["chunks"][0]["first_sequence"], (*schedule)[1].begin);
+  EXPECT_EQ(extra0["chunks"][0]["end_sequence"], (*schedule)[1].end);
+  EXPECT_THAT(part0->shards[0].file, HasSubstr(ChunkShardPrefix(1)));
+
+  // A chunk nobody harvested, or one harvested twice, is an error naming it; nothing is merged.
+  std::vector<std::vector<int64_t>> missing = takes;
+  missing[1].erase(missing[1].begin() + 1);
+  absl::Status st = run(Out("claimed_missing"), missing);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(st.message(), HasSubstr(absl::StrCat("chunk ", takes[1][1], " of ", n,
+                                                   " is in no rank's part manifest")));
+  EXPECT_FALSE(fs::exists(Out("claimed_missing") + "/manifest.json"));
+  std::vector<std::vector<int64_t>> twice = takes;
+  twice[0].insert(twice[0].begin(), 0);  // rank 1 takes chunk 0 as well
+  st = run(Out("claimed_twice"), twice);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(st.message(),
+              HasSubstr(absl::StrCat("chunk 0 of ", n, " was harvested by rank 0 and by rank 1")));
+  // A counter that goes backwards (not shared, or reset) is caught by the rank.
+  st = run(Out("claimed_backwards"), {{2, 1}, {}});
+  EXPECT_EQ(st.code(), absl::StatusCode::kInternal);
+  EXPECT_THAT(st.message(), HasSubstr("rank 0 claimed chunk 1 after chunk 2"));
 }
 
 }  // namespace
