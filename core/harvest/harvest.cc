@@ -129,6 +129,41 @@ at::Tensor CopyToTensor(const std::vector<T>& v, at::ScalarType type) {
   return t;
 }
 
+// Right-pads batch[0, n) into `ids` / `mask` [n, width] and lists the rows to store; counts the
+// attended tokens into `*tokens_run`. INVALID_ARGUMENT for a token id outside the vocabulary.
+absl::Status PackBatch(const HarvestOptions& o, int64_t vocab,
+                       const std::vector<data::TokenSequence>& batch, int64_t n, at::Tensor* ids,
+                       at::Tensor* mask, StoredRows* rows, int64_t* tokens_run) {
+  int64_t width = 0;
+  for (int64_t b = 0; b < n; ++b) width = std::max(width, batch[b].length());
+  *ids = at::zeros({n, width}, at::kLong);  // padding id 0: any valid id will do
+  *mask = at::zeros({n, width}, at::kLong);
+  int64_t* ids_p = ids->data_ptr<int64_t>();
+  int64_t* mask_p = mask->data_ptr<int64_t>();
+  rows->clear();
+  for (int64_t b = 0; b < n; ++b) {
+    const data::TokenSequence& s = batch[b];
+    for (int64_t t = 0; t < s.length(); ++t) {
+      if (!s.attention[t]) continue;
+      const int32_t id = s.token_ids[t];
+      if (id < 0 || id >= vocab) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(o.data_path, ": sequence ", s.sequence_id, " position ", t, ": token id ",
+                         id, " is outside the vocabulary [0, ", vocab, ") of ", o.base_dir));
+      }
+      ids_p[b * width + t] = id;
+      mask_p[b * width + t] = 1;
+      ++*tokens_run;
+      if (!s.stored[t]) continue;
+      rows->flat_index.push_back(b * width + t);
+      rows->token_ids.push_back(id);
+      rows->sequence_ids.push_back(s.sequence_id);
+      rows->positions.push_back(static_cast<int32_t>(t));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<HarvestResult> RunHarvestImpl(const HarvestOptions& o,
                                              ProgressMeter::Callback progress) {
   RETURN_IF_ERROR(ValidateOptions(o));
@@ -180,8 +215,8 @@ absl::StatusOr<HarvestResult> RunHarvestImpl(const HarvestOptions& o,
           absl::StrCat("sequence range [", o.sequence_begin, ", ", o.sequence_end,
                        ") is invalid (or combined with several ranks)"));
     }
-    chunks[0] = {std::min(o.sequence_begin, std::min(o.sequence_end, budget)),
-                 std::min(o.sequence_end, budget)};
+    const int64_t end = std::min(o.sequence_end, budget);
+    chunks[0] = {std::min(o.sequence_begin, end), end};
   } else if (o.world_size > 1 || dataset.format == data::DataFormat::kTokens) {
     ASSIGN_OR_RETURN(const int64_t total, data::CountSequences(dataset, encoder, budget));
     if (claiming) {
@@ -240,7 +275,9 @@ absl::StatusOr<HarvestResult> RunHarvestImpl(const HarvestOptions& o,
   if (progress) meter.set_callback(progress);
   auto progress_note = [&](int64_t chunk) {
     std::string note = absl::StrFormat("%d sequences", result.sequences);
-    if (claiming) absl::StrAppendFormat(&note, ", chunk %d of %d", chunk + 1, num_chunks);
+    if (claiming && chunk >= 0) {
+      absl::StrAppendFormat(&note, ", chunk %d of %d", chunk + 1, num_chunks);
+    }
     return note;
   };
 
@@ -283,33 +320,9 @@ absl::StatusOr<HarvestResult> RunHarvestImpl(const HarvestOptions& o,
       if (n == 0) break;
       taken.end_sequence = batch[n - 1].sequence_id + 1;
 
-      int64_t width = 0;
-      for (int64_t b = 0; b < n; ++b) width = std::max(width, batch[b].length());
-      at::Tensor ids = at::zeros({n, width}, at::kLong);  // padding id 0: any valid id will do
-      at::Tensor mask = at::zeros({n, width}, at::kLong);
-      int64_t* ids_p = ids.data_ptr<int64_t>();
-      int64_t* mask_p = mask.data_ptr<int64_t>();
-      rows.clear();
-      for (int64_t b = 0; b < n; ++b) {
-        const data::TokenSequence& s = batch[b];
-        for (int64_t t = 0; t < s.length(); ++t) {
-          if (!s.attention[t]) continue;
-          const int32_t id = s.token_ids[t];
-          if (id < 0 || id >= vocab) {
-            return absl::InvalidArgumentError(absl::StrCat(
-                o.data_path, ": sequence ", s.sequence_id, " position ", t, ": token id ", id,
-                " is outside the vocabulary [0, ", vocab, ") of ", o.base_dir));
-          }
-          ids_p[b * width + t] = id;
-          mask_p[b * width + t] = 1;
-          ++result.tokens_run;
-          if (!s.stored[t]) continue;
-          rows.flat_index.push_back(b * width + t);
-          rows.token_ids.push_back(id);
-          rows.sequence_ids.push_back(s.sequence_id);
-          rows.positions.push_back(static_cast<int32_t>(t));
-        }
-      }
+      at::Tensor ids, mask;
+      RETURN_IF_ERROR(PackBatch(o, vocab, batch, n, &ids, &mask, &rows, &result.tokens_run));
+      const int64_t width = ids.size(1);
       result.sequences += n;
       if (rows.flat_index.empty()) continue;  // every token skipped or padding
 
