@@ -51,7 +51,7 @@ int main(int argc, char** argv) {
                 "busbw GB/s");
   }
   for (const char* op : {"AllReduce", "AllGather", "ReduceScatter"}) {
-    for (int64_t bytes = 4096; bytes <= static_cast<int64_t>(max_mib * (1 << 20)); bytes *= 4) {
+    for (int64_t bytes = 4096; bytes <= static_cast<int64_t>(max_mib * (1 << 20)); bytes *= 2) {
       const int64_t n = bytes / 4;
       at::Tensor buf = at::ones({n});
       at::Tensor big = at::ones({n * w});

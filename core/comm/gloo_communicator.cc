@@ -1,7 +1,9 @@
 #include "core/comm/gloo_communicator.h"
 
+#include <algorithm>
 #include <exception>
 #include <functional>
+#include <memory>
 #include <string>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
@@ -14,6 +16,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "core/comm/collective_checks.h"
+#include "core/common/status_macros.h"
 
 namespace crossdiff::comm {
 namespace {
@@ -33,6 +36,8 @@ c10d::ReduceOp ToC10d(ReduceOp op) {
 bool IsLoopback(const std::string& host) {
   return host == "localhost" || absl::StartsWith(host, "127.") || host == "::1";
 }
+
+constexpr int64_t kAllGatherPieceBytes = 8 << 20;
 
 std::string FirstLine(std::string msg) {
   if (auto nl = msg.find('\n'); nl != std::string::npos) msg.resize(nl);
@@ -91,16 +96,15 @@ class GlooCommunicator final : public Communicator {
       out.copy_(wide_out);
       return absl::OkStatus();
     }
-    return Run("AllGather", RingAllGatherBytes(in.nbytes(), world_size()),
-               LaunchAllGather(in, out));
+    ASSIGN_OR_RETURN(std::unique_ptr<PendingCollective> pending, StartAllGatherPieces(in, out));
+    return pending->Wait();
   }
 
   absl::StatusOr<std::unique_ptr<PendingCollective>> StartAllGather(const at::Tensor& in,
                                                                     at::Tensor& out) override {
     if (NeedsWidening(in)) return Communicator::StartAllGather(in, out);  // widened, blocking
     if (absl::Status s = CheckAllGather(in, out); !s.ok()) return s;
-    return StartPending("AllGather", RingAllGatherBytes(in.nbytes(), world_size()),
-                        LaunchAllGather(in, out));
+    return StartAllGatherPieces(in, out);
   }
 
   absl::Status ReduceScatter(const at::Tensor& in, at::Tensor& out, ReduceOp op) override {
@@ -194,37 +198,73 @@ class GlooCommunicator final : public Communicator {
       return group_->allreduce(tensors, opts);
     };
   }
-  LaunchFn LaunchAllGather(const at::Tensor& in, const at::Tensor& out) {
-    return [this, in, out] {
+  // Elements [offset, offset + count) of every rank's block.
+  LaunchFn LaunchAllGather(const at::Tensor& in, const at::Tensor& out, int64_t offset,
+                           int64_t count) {
+    return [this, in, out, offset, count] {
       // Gloo gathers into a flat buffer, then copies each block into these views of `out`.
       std::vector<at::Tensor> blocks;
       at::Tensor flat_out = out.view({world_size(), in.numel()});
-      for (int r = 0; r < world_size(); ++r) blocks.push_back(flat_out[r]);
+      for (int r = 0; r < world_size(); ++r) blocks.push_back(flat_out[r].narrow(0, offset, count));
       std::vector<std::vector<at::Tensor>> outputs{blocks};
-      std::vector<at::Tensor> inputs{in.reshape({in.numel()})};
+      std::vector<at::Tensor> inputs{in.reshape({in.numel()}).narrow(0, offset, count)};
       return group_->allgather(outputs, inputs);
     };
   }
 
-  // A collective Gloo runs on its own threads; Wait() finishes it as Run() does.
+  // An all-gather of more than kAllGatherPieceBytes per rank goes as several all-gathers of at
+  // most that much, all launched at once. Gloo sends a rank's whole block as one message, and
+  // over loopback TCP a block of 16 MiB took 180 ms where 8 MiB took 12 ms, and 16 MiB in pieces
+  // 16 ms (bench_comm_collectives, docs/distributed.md). Smaller blocks go whole: splitting them
+  // showed no gain.
+  absl::StatusOr<std::unique_ptr<PendingCollective>> StartAllGatherPieces(const at::Tensor& in,
+                                                                          const at::Tensor& out) {
+    const int64_t n = in.numel();
+    const int64_t per_piece = std::max<int64_t>(1, kAllGatherPieceBytes / in.element_size());
+    auto pending = std::make_unique<Pending>(this, "AllGather");
+    int64_t offset = 0;
+    do {  // an empty block is one empty all-gather
+      const int64_t count = std::min(per_piece, n - offset);
+      absl::StatusOr<WorkPtr> work = Start("AllGather", LaunchAllGather(in, out, offset, count));
+      if (!work.ok()) return work.status();  // the pieces already launched are dropped with it
+      pending->Add(*std::move(work), seq_,
+                   RingAllGatherBytes(count * in.element_size(), world_size()));
+      offset += count;
+    } while (offset < n);
+    return std::unique_ptr<PendingCollective>(std::move(pending));
+  }
+
+  // Collectives Gloo runs on its own threads (one, or the pieces of one); Wait() finishes them in
+  // launch order as Run() does, and stops at the first failure (which breaks the communicator).
   class Pending final : public PendingCollective {
    public:
+    Pending(GlooCommunicator* comm, const char* what) : comm_(comm), what_(what) {}
     Pending(GlooCommunicator* comm, const char* what, WorkPtr work, int64_t seq, int64_t bytes)
-        : comm_(comm), what_(what), work_(std::move(work)), seq_(seq), bytes_(bytes) {}
+        : comm_(comm), what_(what) {
+      Add(std::move(work), seq, bytes);
+    }
     ~Pending() override { (void)Wait(); }
+    void Add(WorkPtr work, int64_t seq, int64_t bytes) {
+      launched_.push_back({std::move(work), seq, bytes});
+    }
     absl::Status Wait() override {
-      if (work_) {
-        status_ = comm_->Finish(what_, seq_, bytes_, work_);
-        work_.reset();
+      for (; next_ < launched_.size(); ++next_) {
+        Launched& l = launched_[next_];
+        if (status_.ok()) status_ = comm_->Finish(what_, l.seq, l.bytes, l.work);
+        l.work.reset();
       }
       return status_;
     }
 
    private:
+    struct Launched {
+      WorkPtr work;
+      int64_t seq, bytes;
+    };
     GlooCommunicator* comm_;
     const char* what_;
-    WorkPtr work_;
-    int64_t seq_, bytes_;
+    std::vector<Launched> launched_;
+    size_t next_ = 0;
     absl::Status status_;
   };
 

@@ -26,6 +26,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "core/comm/collective_checks.h"
 #include "core/comm/launch.h"
 #include "core/common/cli_args.h"
 
@@ -144,6 +145,23 @@ std::string CheckCollectives(Communicator& comm) {
            at::full({33}, static_cast<float>(rank_sum)));
     expect("StartAllGather", (*gathering)->Wait(), all,
            at::arange(w, at::kFloat).repeat_interleave((1 << 18) + 5));
+    // Blocks of more than 8 MiB travel as several all-gathers (here 8 MiB + 28 bytes), blocking
+    // and started; the bytes counted are those of one all-gather of the whole block.
+    const int64_t n = (2 << 20) + 7;
+    at::Tensor block = at::arange(n, at::kFloat) + static_cast<float>(r * n);
+    at::Tensor everything = at::zeros({w * n});
+    const int64_t bytes_before = comm.bytes_communicated();
+    expect("AllGather of 8 MiB", comm.AllGather(block, everything), everything,
+           at::arange(w * n, at::kFloat));
+    if (comm.backend() == "gloo" &&
+        comm.bytes_communicated() - bytes_before != crossdiff::comm::RingAllGatherBytes(4 * n, w)) {
+      problems += absl::StrCat("AllGather of 8 MiB counted ",
+                               comm.bytes_communicated() - bytes_before, " bytes; ");
+    }
+    everything.zero_();
+    auto pieces = comm.StartAllGather(block, everything);
+    expect("StartAllGather of 8 MiB", pieces.ok() ? (*pieces)->Wait() : pieces.status(), everything,
+           at::arange(w * n, at::kFloat));
     at::Tensor wrong = at::zeros({w * 3 + 1});
     auto bad_start = comm.StartAllGather(at::zeros({3}), wrong);
     if (bad_start.ok() || bad_start.status().code() != absl::StatusCode::kInvalidArgument) {
