@@ -9,7 +9,6 @@
 // Prints `name ms` lines, the fastest of reps (single thread). Run two copies side by side to see
 // what two ranks running the same phase at the same moment cost each other.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <chrono>
@@ -19,6 +18,7 @@
 #include <vector>
 
 #include "core/common/cli_args.h"
+#include "core/common/compute_threads.h"
 #include "core/crosscoder/sparse_kernels.h"
 
 namespace {
@@ -72,7 +72,7 @@ int main(int argc, char** argv) {
   int64_t& k = cl.AddInt("k", 32, "latents per token");
   int64_t& reps = cl.AddInt("reps", 20, "timed repetitions of each kernel");
   if (int rc = cl.ParseOrExit(argc, argv); rc >= 0) return rc;
-  at::set_num_threads(1);
+  crossdiff::SetComputeThreads(1);  // ATen and OpenBLAS pools alike
   const int64_t M = 2, Md = M * d;
   std::mt19937 rng(7);
   kernels::SparseCodes codes = RandomCodes(B, F, k, rng);
