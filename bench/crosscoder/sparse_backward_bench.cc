@@ -1,13 +1,18 @@
 // The BatchTopK step's memory-bound kernels on their own, at the data-parallel benchmark's shape
 // (d = 512 x 2 models, dict 8192, k = 32): the exchanged backward every data-parallel rank runs
-// over the whole global batch (kernels::SparseBackward), the one-process backward
-// (kernels::InPlaceBackward, forward + backward) and Adam over the flat parameters. Random codes:
-// k distinct latents per token, drawn with a skewed popularity (latent i about 1 / (i + 64)).
+// over the whole global batch (kernels::SparseBackward), a rank's decode of its half of the batch
+// (kernels::SparseDecode), the one-process backward (kernels::InPlaceBackward, forward +
+// backward), the one-process step done the data-parallel way instead (decode, then
+// SparseBackward: what InPlaceBackward saves its memory against) and Adam over the flat
+// parameters. The `_reference_` lines time the earlier forms of SparseBackward (one sweep) and
+// SparseDecode (row by row), kept in reference_kernels.cc, on the same data. Random codes: k
+// distinct latents per token, drawn with a skewed popularity (latent i about 1 / (i + 64)).
 //
 //   sparse_backward_bench [--batch 2048] [--dict-size 8192] [--d 512] [--k 32] [--reps 20]
 //
-// Prints `name ms` lines, the fastest of reps (single thread). Run two copies side by side to see
-// what two ranks running the same phase at the same moment cost each other.
+// Prints `name ms` lines, the fastest of reps (single thread), and whether each kernel agrees with
+// its reference. Run two copies side by side to see what two ranks running the same phase at the
+// same moment cost each other.
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -17,6 +22,7 @@
 #include <random>
 #include <vector>
 
+#include "bench/crosscoder/reference_kernels.h"
 #include "core/common/cli_args.h"
 #include "core/common/compute_threads.h"
 #include "core/crosscoder/sparse_kernels.h"
@@ -98,6 +104,32 @@ int main(int argc, char** argv) {
                             dec.data_ptr<float>(), F, Md, gp, gp + F * Md, gp + 2 * F * Md,
                             row_sq.data(), {});
   });
+  at::Tensor ref = at::empty({2 * F * Md + F});
+  float* rp = ref.data_ptr<float>();
+  std::vector<double> ref_sq(F);
+  const double one_sweep_ms = FastestMs(reps, [&] {
+    reference::OneSweepBackward(entries, x.data_ptr<float>(), g.data_ptr<float>(), nullptr,
+                                dec.data_ptr<float>(), F, Md, rp, rp + F * Md, rp + 2 * F * Md,
+                                ref_sq.data(), {});
+  });
+  const double backward_err = (ref - grads.narrow(0, 0, ref.numel())).abs().max().item<double>() /
+                              ref.abs().max().item<double>();
+
+  // A rank's decode: the first half of the batch's tokens.
+  kernels::SparseCodes half;
+  half.row_ptr.assign(codes.row_ptr.begin(), codes.row_ptr.begin() + B / 2 + 1);
+  half.latent.assign(codes.latent.begin(), codes.latent.begin() + half.row_ptr.back());
+  half.value.assign(codes.value.begin(), codes.value.begin() + half.row_ptr.back());
+  at::Tensor xhat = at::empty({B, Md}), xhat_ref = at::empty({B / 2, Md});
+  const float* bd = b_dec.data_ptr<float>();
+  const double decode_ms = FastestMs(reps, [&] {
+    kernels::SparseDecode(half, dec.data_ptr<float>(), Md, bd, xhat.data_ptr<float>());
+  });
+  const double row_decode_ms = FastestMs(reps, [&] {
+    reference::RowByRowDecode(half, dec.data_ptr<float>(), Md, bd, xhat_ref.data_ptr<float>());
+  });
+  const bool decode_equal = at::equal(xhat.narrow(0, 0, B / 2), xhat_ref);
+
   kernels::InPlaceBackward in_place;
   kernels::InPlaceBackward::Problem p;
   p.main = &codes;
@@ -113,6 +145,15 @@ int main(int argc, char** argv) {
     in_place.Backward(xw.data_ptr<float>(), gp, gp + F * Md, gp + 2 * F * Md, gp + 2 * F * Md + F,
                       row_sq.data());
   });
+  // The one-process step the data-parallel way: the residual decoded into a buffer of its own.
+  const double decode_then_backward_ms = FastestMs(reps, [&] {
+    kernels::SparseDecode(codes, dec.data_ptr<float>(), Md, bd, xhat.data_ptr<float>());
+    xhat.sub_(x);
+    kernels::BuildLatentEntries(codes, nullptr, F, &entries);
+    kernels::SparseBackward(entries, x.data_ptr<float>(), xhat.data_ptr<float>(), nullptr,
+                            dec.data_ptr<float>(), F, Md, gp, gp + F * Md, gp + 2 * F * Md,
+                            row_sq.data(), {});
+  });
   const double copy_ms = FastestMs(reps, [&] { xw.copy_(x); });
   at::Tensor params = at::randn({grads.numel()}).mul_(0.01);
   at::Tensor m = at::zeros_like(params), v = at::zeros_like(params);
@@ -123,7 +164,13 @@ int main(int argc, char** argv) {
   });
   std::printf("group_by_latent_ms %.2f\n", group_ms);
   std::printf("exchanged_backward_ms %.2f\n", exchanged_ms);
+  std::printf("exchanged_backward_reference_one_sweep_ms %.2f (max relative difference %.1e)\n",
+              one_sweep_ms, backward_err);
+  std::printf("rank_decode_ms %.2f\n", decode_ms);
+  std::printf("rank_decode_reference_row_by_row_ms %.2f (%s)\n", row_decode_ms,
+              decode_equal ? "bitwise equal" : "DIFFERENT");
   std::printf("in_place_forward_backward_ms %.2f\n", in_place_ms - copy_ms);
+  std::printf("decode_then_backward_ms %.2f\n", decode_then_backward_ms);
   std::printf("adam_ms %.2f\n", adam_ms);
   return 0;
 }

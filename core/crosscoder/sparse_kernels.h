@@ -140,7 +140,9 @@ void GatherSelected(const PreActivations& pre, const float* w, const Selection& 
 void GatherAuxTopK(const PreActivations& pre, const std::vector<int32_t>& dead, int64_t k_aux,
                    SparseCodes* out);
 
-// out[b] = bias + sum_e value[e] * dec[latent[e]] (bias may be null: zero).
+// out[b] = bias + sum_e value[e] * dec[latent[e]] (bias may be null: zero), the terms of a row
+// added in increasing latent order. The decoder is read in order, once per thread, rather than
+// row by row (a random read of the decoder per entry).
 void SparseDecode(const SparseCodes& codes, const float* dec, int64_t Md, const float* bias,
                   float* out);
 
@@ -157,7 +159,8 @@ struct LatentEntries {
 void BuildLatentEntries(const SparseCodes& main, const SparseCodes* aux, int64_t F,
                         LatentEntries* out);
 
-// The backward pass through the sparse encoder/decoder, one latent row at a time:
+// The backward pass through the sparse encoder/decoder, latent by latent in two sweeps (the
+// decoder rows and every entry's g_pre, then the encoder rows):
 //   g_dec[i]  = sum_e value_e * g_src(e)[token_e]
 //   g_pre_e   = <g_src(e)[token_e], dec[i]>
 //   g_enc[i]  = sum_e g_pre_e * x[token_e],   g_benc[i] = sum_e g_pre_e

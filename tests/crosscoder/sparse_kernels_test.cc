@@ -4,6 +4,7 @@
 #include "core/crosscoder/sparse_kernels.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -286,6 +287,88 @@ TEST(InPlaceBackwardTest, MatchesTheBatchBackward) {
         EXPECT_NEAR(sq[i], want_sq[i], 1e-4 * want_sq[i] + 1e-12) << i;
     }
   }
+}
+
+// The backward against the dense formulation, with AuxK entries, a row width that is no multiple
+// of a vector's and tokens laid out apart from x's rows.
+TEST(SparseBackwardTest, MatchesTheDenseGradients) {
+  const int64_t B = 90, F = 33, Md = 135;
+  at::Generator gen = at::detail::createCPUGenerator(5);
+  at::Tensor dense, dense_aux;
+  std::vector<int32_t> main_latents(F);
+  std::iota(main_latents.begin(), main_latents.end(), 0);
+  main_latents.erase(main_latents.begin() + 20);  // latent 20 gets no entry
+  const SparseCodes codes = RandomCodes(B, F, 5, main_latents, 11, &dense);
+  const SparseCodes aux = RandomCodes(B, F, 2, {1, 8, 30}, 12, &dense_aux);
+  // x holds the batch as two blocks of 45 rows with 5 rows of padding between them.
+  const RowMap x_rows{45, 50};
+  at::Tensor x_padded = at::randn({100, Md}, gen);
+  at::Tensor x = at::cat({x_padded.narrow(0, 0, 45), x_padded.narrow(0, 50, 45)});
+  at::Tensor gmain = at::randn({B, Md}, gen), gaux = at::randn({B, Md}, gen),
+             dec = at::randn({F, Md}, gen);
+  LatentEntries entries;
+  BuildLatentEntries(codes, &aux, F, &entries);
+  at::Tensor g_enc = at::full({F, Md}, 7.f), g_dec = at::full({F, Md}, 7.f),
+             g_benc = at::full({F}, 7.f);
+  std::vector<double> row_sq(F, -1);
+  SparseBackward(entries, x_padded.data_ptr<float>(), gmain.data_ptr<float>(),
+                 gaux.data_ptr<float>(), dec.data_ptr<float>(), F, Md, g_enc.data_ptr<float>(),
+                 g_dec.data_ptr<float>(), g_benc.data_ptr<float>(), row_sq.data(), x_rows);
+  // g_pre = mask * <g_src, dec_i> per (token, latent), for the main and the aux entries.
+  at::Tensor gp_main = (dense != 0).to(at::kFloat) * at::mm(gmain, dec.t());
+  at::Tensor gp_aux = (dense_aux != 0).to(at::kFloat) * at::mm(gaux, dec.t());
+  at::Tensor want_dec = at::mm(dense.t(), gmain) + at::mm(dense_aux.t(), gaux);
+  at::Tensor want_enc = at::mm((gp_main + gp_aux).t(), x);
+  at::Tensor want_benc = (gp_main + gp_aux).sum(0);
+  auto rel = [](const at::Tensor& got, const at::Tensor& want) {
+    return (got - want).abs().max().item<double>() / want.abs().max().item<double>();
+  };
+  EXPECT_LT(rel(g_dec, want_dec), 1e-5);
+  EXPECT_LT(rel(g_enc, want_enc), 1e-5);
+  EXPECT_LT(rel(g_benc, want_benc), 1e-5);
+  at::Tensor want_sq = g_enc.to(at::kDouble).pow(2).sum(1) + g_dec.to(at::kDouble).pow(2).sum(1) +
+                       g_benc.to(at::kDouble).pow(2);
+  for (int64_t i = 0; i < F; ++i) {
+    EXPECT_NEAR(row_sq[i], want_sq[i].item<double>(), 1e-9 * want_sq[i].item<double>()) << i;
+  }
+  // A latent without entries gets zero rows (over the 7s they started as).
+  EXPECT_EQ(entries.ptr[21], entries.ptr[20]);
+  EXPECT_EQ(g_enc[20].abs().max().item<float>(), 0.f);
+  EXPECT_EQ(g_dec[20].abs().max().item<float>(), 0.f);
+  EXPECT_EQ(g_benc[20].item<float>(), 0.f);
+}
+
+// The decode against the dense product, with and without a bias and with rows that have no
+// entries; the same bits whatever the number of threads (a row's terms always go in latent order).
+TEST(SparseDecodeTest, MatchesTheDenseProductWhateverTheThreads) {
+  const int64_t B = 70, F = 50, Md = 37;
+  at::Generator gen = at::detail::createCPUGenerator(3);
+  at::Tensor dense;
+  const SparseCodes codes = RandomCodes(B, F, 3, {}, 17, &dense);  // 0 to 6 entries a row
+  int64_t empty_rows = 0;
+  for (int64_t b = 0; b < B; ++b) empty_rows += codes.row_ptr[b] == codes.row_ptr[b + 1];
+  ASSERT_GT(empty_rows, 0);
+  const at::Tensor dec = at::randn({F, Md}, gen), bias = at::randn({Md}, gen);
+  const int threads = at::get_num_threads();
+  for (const bool with_bias : {true, false}) {
+    SCOPED_TRACE(with_bias ? "bias" : "no bias");
+    at::Tensor want = at::mm(dense, dec);
+    if (with_bias) want += bias;
+    std::vector<at::Tensor> got;
+    for (int t : {1, 3}) {
+      at::set_num_threads(t);
+      at::Tensor out = at::full({B, Md}, 7.f);
+      SparseDecode(codes, dec.data_ptr<float>(), Md, with_bias ? bias.data_ptr<float>() : nullptr,
+                   out.data_ptr<float>());
+      got.push_back(out);
+    }
+    at::set_num_threads(threads);
+    EXPECT_LT((got[0] - want).abs().max().item<double>(), 1e-5);
+    EXPECT_TRUE(at::equal(got[0], got[1]));
+  }
+  SparseCodes empty;
+  empty.row_ptr.assign(1, 0);
+  SparseDecode(empty, dec.data_ptr<float>(), Md, nullptr, nullptr);  // no rows: nothing to write
 }
 
 TEST(SelectionGuessTest, KeepsTheCandidatesNearTheSelectedEntries) {
