@@ -544,6 +544,7 @@ using CandidateLists = std::vector<std::vector<Candidate>>;
 struct KthKey {
   std::optional<uint32_t> key;  // nullopt: fall back to the exact selection
   int64_t candidates = -1;      // over all ranks (-1: some rank had no guess)
+  bool overflow = false;        // the key exchange: some rank had more candidates than it sends
 };
 
 // The exact kth largest key among every rank's candidates by radix selection: one all-reduce
@@ -621,6 +622,7 @@ absl::StatusOr<KthKey> KthKeyFromGatheredKeys(const CandidateLists& cand, int64_
     total += hdr[0];
   }
   result.candidates = total;
+  result.overflow = overflow;
   if (overflow || total < kth) return result;
   // Compact every rank's keys to the front of `all`, then the kth largest.
   int64_t m = 0;
@@ -680,6 +682,12 @@ absl::StatusOr<Selection> SelectAndGather(const PreActivations& pre, const float
   KthKey found;
   if (keys != nullptr) {
     ASSIGN_OR_RETURN(found, KthKeyFromGatheredKeys(cand, tasks, w, kth, guess > 0, count, *keys));
+    // Some rank's candidates did not fit its block (every rank sees that in the headers): the
+    // threshold is still among the candidates when there are kth of them, so the radix selection
+    // over them (three all-reduces of 2048 counts) finds it without another visit of the scores.
+    if (found.overflow && found.candidates >= kth) {
+      ASSIGN_OR_RETURN(found, KthKeyByRadix(cand, tasks, w, kth, guess > 0, count, allreduce));
+    }
   } else {
     ASSIGN_OR_RETURN(found, KthKeyByRadix(cand, tasks, w, kth, guess > 0, count, allreduce));
   }

@@ -25,8 +25,7 @@ struct Selection {
   bool keep_all_positive = false;  // fewer than kth positive scores: every positive score is kept
   int64_t positive = 0;            // positive scores over all ranks
   // SelectAndGather: the candidates (scores reaching the guess) over all ranks, -1 without a guess;
-  // and whether the exact selection over every score ran (no guess, too few candidates, or a
-  // rank's candidates overflowed the key exchange).
+  // and whether the exact selection over every score ran (no guess, or too few candidates).
   int64_t candidates = -1;
   bool exact_fallback = false;
 };
@@ -115,10 +114,11 @@ struct KeyExchange {
 // `guess` (e.g. a fraction of the previous step's threshold) are collected once, and when there are
 // at least kth of them over all ranks the exact kth largest score is found among those candidates
 // alone: by radix selection over all-reduced histograms (three collectives), or with `keys` from
-// one all-gather of every rank's candidate keys. Otherwise (no guess, the guess was too high, or a
-// rank's candidates overflow the key capacity) falls back to the full selection (three more visits
-// when the batch has several chunks). Same result on every path. The collectives are issued
-// identically on every rank. `aux` (optional) is gathered during the first visit.
+// one all-gather of every rank's candidate keys (when a rank's candidates overflow the key
+// capacity, by the radix selection among them instead). Otherwise (no guess, or the guess was too
+// high) falls back to the full selection (three more visits when the batch has several chunks).
+// Same result on every path. The collectives are issued identically on every rank. `aux` (optional)
+// is gathered during the first visit.
 absl::StatusOr<Selection> SelectAndGather(const PreActivations& pre, const float* w, int64_t kth,
                                           float guess, const AllReduceI64& allreduce,
                                           SparseCodes* out, const AuxRequest* aux = nullptr,

@@ -103,6 +103,48 @@ TEST(SelectAndGatherTest, EveryChunkingAndGuessGivesTheBatchTopK) {
   }
 }
 
+// One process's key exchange (the all-gather copies the block): with room for every candidate the
+// threshold comes from the keys; with less room it comes from the radix selection among the
+// candidates; either way without another visit of the scores, and with the exact top-k.
+TEST(SelectAndGatherTest, KeyExchangeOverflowSelectsAmongTheCandidates) {
+  const Batch b = MakeBatch(9);
+  const int64_t kth = 4 * kB;
+  const auto want = Reference(b, kth);
+  SparseCodes codes;
+  auto exact = SelectAndGather(PreActivations::Whole(b.pre.data(), kB, kF), b.w.data(), kth, 0.f,
+                               kSingleProcess, &codes);
+  ASSERT_TRUE(exact.ok()) << exact.status();
+  const float guess = 0.7f * exact->threshold;
+  for (int64_t capacity : {int64_t{100000}, kth / 2}) {
+    SCOPED_TRACE(testing::Message() << "capacity " << capacity);
+    int gathers = 0, reduces = 0;
+    KeyExchange keys;
+    keys.capacity = capacity;
+    keys.all_gather = [&](const std::vector<uint32_t>& mine, std::vector<uint32_t>* all) {
+      ++gathers;
+      *all = mine;
+      return absl::OkStatus();
+    };
+    const AllReduceI64 counting = [&](std::vector<int64_t>&) {
+      ++reduces;
+      return absl::OkStatus();
+    };
+    std::vector<float> buffer;
+    auto pre = Chunked(b, 40, &buffer);
+    SparseCodes got;
+    auto sel = SelectAndGather(pre, b.w.data(), kth, guess, counting, &got, nullptr, &keys);
+    ASSERT_TRUE(sel.ok()) << sel.status();
+    EXPECT_FALSE(sel->exact_fallback);
+    EXPECT_EQ(sel->threshold, exact->threshold);
+    EXPECT_EQ(Entries(got), want);
+    EXPECT_EQ(pre.fills(), pre.chunks()) << "one visit of the scores";
+    EXPECT_EQ(gathers, 1);
+    const bool overflow = sel->candidates > capacity;
+    EXPECT_EQ(reduces, overflow ? 3 : 0);
+    EXPECT_EQ(overflow, capacity == kth / 2) << sel->candidates << " candidates";
+  }
+}
+
 TEST(SelectAndGatherTest, AuxKIsGatheredDuringTheFirstVisit) {
   const Batch b = MakeBatch(11);
   std::vector<int32_t> dead = {3, 10, 11, 40, 41, 42, 69};
