@@ -977,10 +977,10 @@ void SparseBackward(const LatentEntries& entries, const float* x, const float* g
                     const float* g_aux, const float* dec, int64_t F, int64_t Md, float* g_enc,
                     float* g_dec, float* g_benc, double* row_sq, RowMap x_rows) {
   // Two sweeps over the latents rather than one: in one sweep each entry's encoder update waits
-  // for its g_pre, a dot product over the whole row, and the loop holds four rows at once (g_src,
-  // x, and the two gradient rows). Apart, each sweep streams two. Same results, bit for bit;
-  // 1.1-1.3x faster alone and 1.6-1.9x with two ranks running it at once (B = 2048, d = 512 x 2,
-  // dict 8192: bench/crosscoder/sparse_backward_bench, against its reference_kernels.cc).
+  // for its g_pre, a dot product over the whole row, and the loop works on five rows at once
+  // (g_src, x, dec and the two gradient rows); apart, on three and on two. Same results, bit for
+  // bit; 1.1-1.3x faster alone and 1.6-1.9x with two ranks running it at once (B = 2048, d = 512 x
+  // 2, dict 8192: bench/crosscoder/sparse_backward_bench, against its reference_kernels.cc).
   std::vector<float> g_pre(entries.token.size());
   at::parallel_for(0, F, 16, [&](int64_t i0, int64_t i1) {
     DecoderRowsAndPreGradients(entries, g_main, g_aux, dec, Md, g_dec, g_pre.data(), row_sq, i0,
