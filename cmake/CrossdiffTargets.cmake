@@ -52,3 +52,12 @@ function(crossdiff_add_test name)
   set_tests_properties(${name} PROPERTIES TIMEOUT ${ARG_TIMEOUT} LABELS "${ARG_LABELS}"
     ENVIRONMENT "CROSSDIFF_FIXTURES=${CROSSDIFF_FIXTURES_DIR};OMP_NUM_THREADS=1")
 endfunction()
+
+# Sources of hot vector loops (the crosscoder's sparse kernels and the benchmark's references to
+# them): vectorisation beyond -O2's cheap model, and -fno-math-errno so that sqrt vectorises (IEEE
+# sqrt is exact either way: results are unchanged). The flags would invalidate the shared
+# precompiled header, which these files do not need.
+function(crossdiff_vector_kernel_sources)
+  set_source_files_properties(${ARGN} PROPERTIES
+    COMPILE_OPTIONS "-O3;-fopenmp-simd;-fno-math-errno" SKIP_PRECOMPILE_HEADERS ON)
+endfunction()

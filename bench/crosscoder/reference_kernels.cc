@@ -2,17 +2,13 @@
 
 #include <cstring>
 
-// Compiled as sparse_kernels.cc is (see CMakeLists.txt), with the same AVX2 clone, so that the
-// comparison is between the algorithms.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define REFERENCE_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define REFERENCE_VECTOR_CLONES
-#endif
+#include "core/crosscoder/vector_clones.h"
 
+// Compiled as sparse_kernels.cc is (crossdiff_vector_kernel_sources), with the same AVX2 clone, so
+// that the comparison is between the algorithms.
 namespace crossdiff::crosscoder::reference {
 
-REFERENCE_VECTOR_CLONES
+CROSSDIFF_VECTOR_CLONES
 void OneSweepBackward(const kernels::LatentEntries& le, const float* x, const float* g_main,
                       const float* g_aux, const float* dec, int64_t F, int64_t Md, float* g_enc,
                       float* g_dec, float* g_benc, double* row_sq, kernels::RowMap x_rows) {
@@ -48,7 +44,7 @@ void OneSweepBackward(const kernels::LatentEntries& le, const float* x, const fl
   }
 }
 
-REFERENCE_VECTOR_CLONES
+CROSSDIFF_VECTOR_CLONES
 void RowByRowDecode(const kernels::SparseCodes& c, const float* dec, int64_t Md, const float* bias,
                     float* out) {
   const int64_t B = static_cast<int64_t>(c.row_ptr.size()) - 1;

@@ -9,15 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/common/status_macros.h"
-
-// Hot loops get an AVX2 clone next to the baseline one on x86-64 (picked at load time by CPU
-// feature, not by CPU model, so AMD and Intel both get it), so the binary stays portable while
-// using the machine's vector units.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CROSSDIFF_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define CROSSDIFF_VECTOR_CLONES
-#endif
+#include "core/crosscoder/vector_clones.h"
 
 namespace crossdiff::crosscoder::kernels {
 namespace {
